@@ -1,0 +1,19 @@
+"""The ResNet + FPN network, written from scratch, and ``build_model``."""
+
+from .build import FeaturePyramid, build_model
+from .fpn import FPN, LastLevelMaxPool
+from .layers import ConvNorm, FrozenBatchNorm2d, fold_norms
+from .resnet import ResNet
+from .shapes import FeatureInfo
+
+__all__ = [
+    "ConvNorm",
+    "FPN",
+    "FeatureInfo",
+    "FeaturePyramid",
+    "FrozenBatchNorm2d",
+    "LastLevelMaxPool",
+    "ResNet",
+    "build_model",
+    "fold_norms",
+]

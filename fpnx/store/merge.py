@@ -1,0 +1,167 @@
+"""Merge fpnx files and ``.parts`` folders into one file, atomically (``.tmp`` + fsync + rename).
+
+Blocks are copied with HDF5's object copy (H5Ocopy), which moves chunks as stored: compressed data is never
+decompressed, so merging costs about as much as copying the files. ``FeatureWriter.finalize`` uses the same code.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError, UsageError
+from . import schema
+from .files import describe_os_error, publish, remove_file
+from .lock import OutputLock
+from .parts import tmp_path_for
+from .reader import describe_input, load_file
+from .settings import first_difference
+from .storefile import Index, StoreFile, combine_failures
+from .tables import create_file, write_tables
+
+
+def merge_stores(
+    inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Merge finished fpnx files and/or ``.parts`` folders made with the same settings into ``out``.
+
+    A source stored in two inputs is an error. Failures are merged: one per source, the latest reason, and a
+    source stored in any input keeps only its stored row. The first input's metadata is kept.
+    """
+    out = Path(out)
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise UsageError("merge needs at least one input")
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; the merged output must be a file path")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of {out} does not exist")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; --overwrite replaces it")
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        described = [describe_input(path) for path in paths]
+        first = described[0]
+        for other in described[1:]:
+            difference = first_difference(first.settings, other.settings)
+            if difference:
+                key, mine, theirs = difference
+                raise StoreError(
+                    f"cannot merge {other.path} with {first.path}: setting {key!r} is {theirs!r} there "
+                    f"but {mine!r} in {first.path}"
+                )
+        attrs = schema.root_attributes(first.layout, first.settings, first.metadata)
+        files = [file for store in described for file in store.files]
+        try:
+            write_merged(files, out, first.layout, first.settings, attrs)
+        except OSError as error:
+            raise write_error(out, error, "the inputs are unchanged") from None
+    finally:
+        lock.release()
+    return out
+
+
+def write_merged(
+    files: Sequence[Path],
+    out: Path,
+    layout: schema.Layout,
+    settings: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write the union of ``files`` (each checked to have ``settings``) to ``out`` atomically, rows in input order.
+
+    Blocks are renumbered 1, 2, ... in input order. On any failure ``out`` is untouched and the ``.tmp`` removed.
+    Inputs are opened one at a time (a .parts folder may hold thousands of segments).
+    """
+    tmp = tmp_path_for(out)
+    remove_file(tmp)
+    stored_in: dict[str, Path] = {}
+    indexes: list[Index] = []
+    segments: list[np.ndarray] = []
+    try:
+        with create_file(tmp, attrs) as dst:
+            blocks = dst[schema.BLOCKS]
+            for path in files:
+                store, index = load_file(path, settings)
+                try:
+                    _refuse_duplicates(store.path, index, stored_in)
+                    renumbering = {}
+                    for old in _block_numbers(store):
+                        new = len(blocks) + 1
+                        _copy_block(store, old, blocks.create_group(schema.block_name(new)))
+                        renumbering[old] = new
+                    segments.append(_renumber(store, index, renumbering))
+                    indexes.append(index)
+                finally:
+                    store.close()
+            merged = _concatenate(indexes, segments, layout)
+            write_tables(dst, layout, merged.sources, merged.columns, merged.failures)
+        publish(tmp, out)
+    except BaseException:
+        remove_file(tmp)
+        raise
+
+
+def write_error(target: Path, error: BaseException, kept: str) -> StoreError:
+    """The one-line error for a failed write: the reason, what is kept, what to do."""
+    reason = describe_os_error(error)
+    number = getattr(error, "errno", None)
+    full = number in (errno.ENOSPC, errno.EDQUOT) or "space" in reason.lower() or "quota" in reason.lower()
+    advice = "free space and run the same command again" if full else "fix that and run the same command again"
+    return StoreError(f"cannot write {target}: {reason}; {kept}; {advice}")
+
+
+def _refuse_duplicates(path: Path, index: Index, stored_in: dict[str, Path]) -> None:
+    for source in index.sources:
+        earlier = stored_in.get(source)
+        if earlier is not None:
+            if earlier == path:
+                raise StoreError(f"{path} is a damaged fpnx feature file: {source!r} is stored twice")
+            raise StoreError(f"{source!r} is stored in both {earlier} and {path}; only disjoint stores can be merged")
+        stored_in[source] = path
+
+
+def _block_numbers(store: StoreFile) -> list[int]:
+    numbers = []
+    for name in store.block_names():
+        if not name.isdigit():
+            raise StoreError(f"{store.path} is a damaged fpnx feature file: unexpected block name {name!r}")
+        numbers.append(int(name))
+    return sorted(numbers)
+
+
+def _copy_block(store: StoreFile, block: int, target: h5py.Group) -> None:
+    """Copy one block's level datasets with H5Ocopy (chunks as stored), each checked first to be plain data."""
+    for level in store.layout.levels:
+        store.h5.copy(store.block_dataset(block, level), target, name=level)
+
+
+def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:
+    old = index.columns[schema.SEGMENT]
+    if len(old) == 0:
+        return old.astype(np.int32)
+    missing = set(np.unique(old).tolist()) - set(renumbering)
+    if missing:
+        raise StoreError(f"{store.path} is a damaged fpnx feature file: rows point at missing block {min(missing)}")
+    lookup = np.zeros(max(renumbering) + 1, dtype=np.int32)
+    for before, after in renumbering.items():
+        lookup[before] = after
+    return lookup[old]
+
+
+def _concatenate(indexes: Sequence[Index], segments: Sequence[np.ndarray], layout: schema.Layout) -> Index:
+    empty = Index.empty(layout)
+    sources = [source for index in indexes for source in index.sources]
+    columns = {}
+    for name, nothing in empty.columns.items():
+        parts = list(segments) if name == schema.SEGMENT else [index.columns[name] for index in indexes]
+        columns[name] = np.concatenate(parts).astype(nothing.dtype) if parts else nothing
+    failures = combine_failures([index.failures for index in indexes], set(sources))
+    return Index(sources, columns, failures)

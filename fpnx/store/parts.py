@@ -1,0 +1,98 @@
+"""The ``OUT.h5.parts/`` folder of a run in progress: its manifest and its committed segment files."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from . import schema
+from .files import write_atomically
+from .schema import Layout
+
+PARTS_SUFFIX = ".parts"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fpnx-parts"
+TMP_SUFFIX = ".tmp"
+_SEGMENT = re.compile(r"^seg-(\d{6,})\.h5$")
+
+
+def parts_dir_for(output: Path) -> Path:
+    return output.with_name(output.name + PARTS_SUFFIX)
+
+
+def tmp_path_for(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def segment_path(parts: Path, number: int) -> Path:
+    return parts / f"seg-{number:06d}.h5"
+
+
+def committed_segments(parts: Path) -> list[tuple[int, Path]]:
+    """(number, path) of every committed segment, in commit order. ``*.tmp`` files are not committed."""
+    found = []
+    for entry in parts.iterdir():
+        match = _SEGMENT.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def leftover_tmp_files(parts: Path) -> list[Path]:
+    return sorted(entry for entry in parts.iterdir() if entry.name.endswith(TMP_SUFFIX))
+
+
+def looks_like_parts(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST).is_file() or path.name.endswith(PARTS_SUFFIX))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run was started with: checked again by every resume."""
+
+    run_id: str
+    settings: dict[str, Any]  # full settings, layout included
+    metadata: dict[str, Any]
+
+    @property
+    def layout(self) -> Layout:
+        s = self.settings
+        return Layout.checked(s["levels"], s["channels"], s["strides"], s["dtype"], s["compression"])
+
+    def write(self, parts: Path) -> None:
+        record = {
+            "format": MANIFEST_FORMAT,
+            "format_version": schema.FORMAT_VERSION,
+            "run_id": self.run_id,
+            "settings": self.settings,
+            "metadata": self.metadata,
+        }
+        write_atomically(parts / MANIFEST, (schema.to_json(record) + "\n").encode("utf-8"))
+
+    @classmethod
+    def read(cls, parts: Path) -> "Manifest":
+        path = parts / MANIFEST
+        try:
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise StoreError(f"{parts} is not an fpnx .parts folder: it has no {MANIFEST}") from None
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path} is damaged ({error}); --overwrite starts anew") from None
+        if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+            raise StoreError(f"{path} is not an fpnx run manifest")
+        version = record.get("format_version")
+        if not isinstance(version, int) or version > schema.FORMAT_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer fpnx (format_version {version}; this fpnx reads up to "
+                f"{schema.FORMAT_VERSION}); upgrade fpnx"
+            )
+        try:
+            manifest = cls(str(record["run_id"]), dict(record["settings"]), dict(record["metadata"]))
+            manifest.layout  # noqa: B018 - checks the layout keys
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(f"{path} is damaged (bad or missing {error})") from None
+        return manifest

@@ -1,0 +1,38 @@
+"""The settings a resumed or merged store must share, and how to name the first one that differs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .schema import Layout, normalize
+
+_ABSENT = object()
+
+
+def full_settings(settings: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
+    """The caller's settings plus the storage layout, JSON-normalised.
+
+    ValueError if the caller's settings name a layout key (``dtype``, ``levels``...) with another value than
+    the writer's own argument: the file would claim one thing and hold another.
+    """
+    combined = normalize(dict(settings))
+    for key, value in normalize(layout.to_settings()).items():
+        if key in combined and combined[key] != value:
+            raise ValueError(f"settings[{key!r}] is {combined[key]!r} but the writer's {key} is {value!r}")
+        combined[key] = value
+    return combined
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first setting that differs, in sorted key order; None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            inner = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                return inner, old.get(key, "(absent)"), new.get(key, "(absent)")
+            found = first_difference(old[key], new[key], inner)
+            if found:
+                return found
+        return None
+    return None if old == new else (path or "(all settings)", old, new)

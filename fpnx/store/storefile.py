@@ -1,0 +1,249 @@
+"""Open one fpnx HDF5 file (finished output or segment) safely: checked, read-only, links never followed.
+
+Everything that can go wrong with a file someone hands us (not HDF5, truncated, another format, a newer
+version, missing pieces, soft or external links) becomes one ``StoreError`` line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError
+from . import schema
+from .schema import Layout
+
+# Per open block dataset; enough to keep the chunk shared by two neighbouring images while reading in order.
+READ_CHUNK_CACHE_BYTES = 2 << 20
+
+
+@contextmanager
+def problems_as_store_errors(path: Path, doing: str = "read") -> Iterator[None]:
+    """Turn h5py's and numpy's complaints about a damaged file into one line naming the file."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StoreError(f"cannot {doing} {path}: damaged fpnx feature file ({reason})") from None
+
+
+def open_h5(path: Path) -> h5py.File:
+    """An HDF5 file opened read-only, or StoreError saying why it is not one."""
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder, not an fpnx feature file")
+    try:
+        return h5py.File(path, "r", locking="best-effort", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
+    except OSError as error:
+        if not h5py.is_hdf5(path):
+            raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({reason})") from None
+
+
+def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
+    """``group[name]`` if it is a hard link to a ``kind``; soft and external links are refused, not followed."""
+    link = group.get(name, getlink=True)
+    where = f"{group.name.rstrip('/')}/{name}"
+    if link is None:
+        raise StoreError(f"{path} is a damaged fpnx feature file: {where} is missing")
+    if not isinstance(link, h5py.HardLink):
+        raise StoreError(f"{path} is not a trusted fpnx feature file: {where} is a {type(link).__name__}")
+    obj = group[name]
+    if not isinstance(obj, kind):
+        raise StoreError(f"{path} is a damaged fpnx feature file: {where} is not a {kind.__name__.lower()}")
+    return obj
+
+
+def plain(value: Any) -> Any:
+    """An attribute value as plain Python (str, int, float, lists of them)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [plain(item) for item in value.tolist()]
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class Index:
+    """The /images and /failures tables of one or more files, in memory."""
+
+    sources: list[str]
+    columns: dict[str, np.ndarray]  # height, width, ..., segment, offset_<level>: each of length len(sources)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @classmethod
+    def empty(cls, layout: Layout) -> "Index":
+        names = {**schema.INDEX_COLUMNS, **{schema.offset_column(level): schema.OFFSET_DTYPE for level in layout.levels}}
+        return cls([], {name: np.zeros(0, dtype) for name, dtype in names.items()}, [])
+
+
+@dataclass
+class StoreFile:
+    """One checked fpnx file, open read-only."""
+
+    path: Path
+    h5: h5py.File
+    layout: Layout
+    settings: dict[str, Any]
+    metadata: dict[str, Any]
+    attrs: dict[str, Any]
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def read_index(self) -> Index:
+        with problems_as_store_errors(self.path):
+            return self._read_index()
+
+    def _read_index(self) -> Index:
+        images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
+        wanted = {**schema.INDEX_COLUMNS}
+        wanted.update({schema.offset_column(level): schema.OFFSET_DTYPE for level in self.layout.levels})
+        raw_sources = self._column(images, schema.SOURCE)
+        count = len(raw_sources)
+        columns = {}
+        for name, dtype in wanted.items():
+            values = self._column(images, name)
+            if len(values) != count or values.dtype.kind not in "iuf":
+                raise StoreError(f"{self.path} is a damaged fpnx feature file: /images/{name} does not fit /images/source")
+            columns[name] = values.astype(dtype, copy=False)
+        if count and (
+            min(columns[schema.INPUT_HEIGHT].min(), columns[schema.INPUT_WIDTH].min()) < 1
+            or min(columns[schema.offset_column(level)].min() for level in self.layout.levels) < 0
+        ):
+            raise StoreError(f"{self.path} is a damaged fpnx feature file: negative sizes or offsets in /images")
+        failures_group = hard_child(self.h5, schema.FAILURES, h5py.Group, self.path)
+        failed = self._column(failures_group, schema.SOURCE)
+        reasons = self._column(failures_group, schema.REASON)
+        if len(failed) != len(reasons):
+            raise StoreError(f"{self.path} is a damaged fpnx feature file: /failures columns differ in length")
+        failures = [(_decode_source(raw, self.path), _text(reason)) for raw, reason in zip(failed, reasons)]
+        return Index([_decode_source(raw, self.path) for raw in raw_sources], columns, failures)
+
+    def _column(self, group: h5py.Group, name: str) -> np.ndarray:
+        dataset = hard_child(group, name, h5py.Dataset, self.path)
+        if dataset.ndim != 1:
+            raise StoreError(f"{self.path} is a damaged fpnx feature file: {dataset.name} is not 1-D")
+        return dataset[...]
+
+    def block_names(self) -> list[str]:
+        with problems_as_store_errors(self.path):
+            blocks = hard_child(self.h5, schema.BLOCKS, h5py.Group, self.path)
+            return list(blocks.keys())
+
+    def block_dataset(self, block: int, level: str) -> h5py.Dataset:
+        """The flat dataset of ``level`` in block ``block``, checked to be a plain 1-D dataset of the stored dtype."""
+        with problems_as_store_errors(self.path):
+            blocks = hard_child(self.h5, schema.BLOCKS, h5py.Group, self.path)
+            group = hard_child(blocks, schema.block_name(block), h5py.Group, self.path)
+            dataset = hard_child(group, level, h5py.Dataset, self.path)
+            if dataset.ndim != 1 or dataset.dtype != np.dtype(self.layout.dtype):
+                raise StoreError(
+                    f"{self.path} is a damaged fpnx feature file: {dataset.name} is not a 1-D {self.layout.dtype} dataset"
+                )
+            return dataset
+
+
+def _decode_source(raw: Any, path: Path) -> str:
+    if isinstance(raw, str):  # written as text by some other tool: accept it as is
+        return raw
+    if not isinstance(raw, bytes):
+        raise StoreError(f"{path} is a damaged fpnx feature file: a source is not a string")
+    return schema.decode_source(raw)
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def open_store_file(path: Path) -> StoreFile:
+    """Open and check one fpnx file: format name and version first, then the attributes the reader needs."""
+    h5 = open_h5(path)
+    try:
+        with problems_as_store_errors(path):
+            return _checked(path, h5)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def _checked(path: Path, h5: h5py.File) -> StoreFile:
+    attrs = {name: plain(h5.attrs[name]) for name in h5.attrs}
+    name = attrs.get(schema.ATTR_FORMAT)
+    if name is None:
+        raise StoreError(f"{path} is not an fpnx feature file (its root has no '{schema.ATTR_FORMAT}' attribute)")
+    if name != schema.FORMAT_NAME:
+        raise StoreError(f"{path} is not an fpnx feature file (its format is {name!r})")
+    version = attrs.get(schema.ATTR_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise StoreError(f"{path} is a damaged fpnx feature file: format_version is {version!r}")
+    if version > schema.FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer fpnx (format_version {version}; this fpnx reads up to "
+            f"{schema.FORMAT_VERSION}); upgrade fpnx to read it"
+        )
+    if version < 1:
+        raise StoreError(f"{path} is a damaged fpnx feature file: format_version is {version!r}")
+    missing = [key for key in (schema.ATTR_LEVELS, schema.ATTR_STRIDES, schema.ATTR_CHANNELS, schema.ATTR_DTYPE,
+                               schema.ATTR_COMPRESSION, schema.ATTR_SETTINGS, schema.ATTR_METADATA) if key not in attrs]
+    if missing:
+        raise StoreError(f"{path} is a damaged fpnx feature file: no root attribute {missing[0]!r}")
+    levels = attrs[schema.ATTR_LEVELS]
+    levels = [levels] if isinstance(levels, str) else levels
+    strides = _as_list(attrs[schema.ATTR_STRIDES])
+    channels = _as_list(attrs[schema.ATTR_CHANNELS])
+    if not (len(levels) == len(strides) == len(channels)):
+        raise StoreError(f"{path} is a damaged fpnx feature file: levels, strides and channels differ in length")
+    try:
+        layout = Layout.checked(
+            levels,
+            dict(zip(levels, channels)),
+            dict(zip(levels, strides)),
+            attrs[schema.ATTR_DTYPE],
+            attrs[schema.ATTR_COMPRESSION],
+        )
+        settings = json.loads(attrs[schema.ATTR_SETTINGS])
+        metadata = json.loads(attrs[schema.ATTR_METADATA])
+    except (ValueError, TypeError) as error:
+        raise StoreError(f"{path} is a damaged fpnx feature file: {error}") from None
+    if not isinstance(settings, dict) or not isinstance(metadata, dict):
+        raise StoreError(f"{path} is a damaged fpnx feature file: settings or metadata is not a JSON object")
+    for key, value in schema.normalize(layout.to_settings()).items():
+        if settings.get(key) != value:  # the plain attributes are what the reader obeys; they must agree
+            raise StoreError(f"{path} is a damaged fpnx feature file: settings and attributes disagree on {key!r}")
+    attrs[schema.ATTR_SETTINGS] = settings
+    attrs[schema.ATTR_METADATA] = metadata
+    attrs[schema.ATTR_LEVELS] = list(levels)
+    return StoreFile(path, h5, layout, settings, metadata, attrs)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def combine_failures(lists: list[list[tuple[str, str]]], stored: set[str]) -> list[tuple[str, str]]:
+    """One failure per source with its latest reason, in first-seen order; stored sources drop their failures."""
+    latest: dict[str, str] = {}
+    for failures in lists:
+        for source, reason in failures:
+            if source not in stored:
+                latest[source] = reason
+    return list(latest.items())

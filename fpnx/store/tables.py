@@ -1,0 +1,75 @@
+"""Writing the skeleton of an fpnx file: root attributes, /blocks, and the /images and /failures tables.
+
+Shared by the segment writer and by merge, so segments and finished files have one layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import schema
+from .schema import Layout
+
+# While writing, the partly filled last chunk of each block dataset must stay in the cache (so it is compressed
+# once, when full) next to the one being written.
+WRITE_CHUNK_CACHE_BYTES = 4 << 20
+
+
+def create_file(path: Path, attrs: Mapping[str, Any]) -> h5py.File:
+    """A new, empty fpnx file at ``path`` (a ``.tmp`` name: it becomes visible only when published)."""
+    h5 = h5py.File(
+        path, "w", libver=schema.LIBVER, locking="best-effort", rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, rdcc_w0=1.0
+    )
+    try:
+        for name, value in attrs.items():
+            h5.attrs[name] = value
+        h5.create_group(schema.BLOCKS)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def write_tables(
+    h5: h5py.File,
+    layout: Layout,
+    sources: Sequence[str],
+    columns: Mapping[str, np.ndarray],
+    failures: Sequence[tuple[str, str]],
+) -> None:
+    """Write /images (one row per source, columns as given) and /failures."""
+    images = h5.create_group(schema.IMAGES)
+    _column(images, schema.SOURCE, _bytes_array([schema.encode_source(s) for s in sources]), schema.SOURCE_DTYPE)
+    for name, dtype in schema.INDEX_COLUMNS.items():
+        _column(images, name, np.asarray(columns[name], dtype=dtype), dtype)
+    for level in layout.levels:
+        name = schema.offset_column(level)
+        _column(images, name, np.asarray(columns[name], dtype=schema.OFFSET_DTYPE), schema.OFFSET_DTYPE)
+    group = h5.create_group(schema.FAILURES)
+    _column(group, schema.SOURCE, _bytes_array([schema.encode_source(s) for s, _ in failures]), schema.SOURCE_DTYPE)
+    reasons = np.array([schema.encode_reason(r) for _, r in failures] or [], dtype=object)
+    _column(group, schema.REASON, reasons, schema.REASON_DTYPE)
+
+
+def _bytes_array(values: list[bytes]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def _column(group: h5py.Group, name: str, values: np.ndarray, dtype: Any) -> None:
+    rows = len(values)
+    group.create_dataset(
+        name,
+        shape=(rows,),
+        maxshape=(None,),
+        chunks=(max(1, min(rows, schema.INDEX_CHUNK_ROWS)),),
+        dtype=dtype,
+    )
+    if rows:
+        group[name][...] = values

@@ -1,0 +1,236 @@
+"""Parity of fpnx's from-scratch ResNet + FPN with torchvision on the same weights and inputs.
+
+Tolerance: max|diff| <= 1e-4 * max|ref| per output level, in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoint_factory import (
+    save,
+    save_detectron2_pickle,
+    torchvision_detector,
+    torchvision_resnet,
+)
+
+import fpnx
+from fpnx.errors import UsageError, WeightsError
+
+TOLERANCE = 1e-4
+SIZES = [(64, 64), (97, 131), (120, 75), (33, 200), (1, 1)]
+TV_NAMES = {"p2": "0", "p3": "1", "p4": "2", "p5": "3", "p6": "pool"}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_pyramid_equal(model, tv_backbone, sizes=SIZES, tolerance=TOLERANCE):
+    generator = torch.Generator().manual_seed(1)
+    for height, width in sizes:
+        x = torch.randn(2, 3, height, width, generator=generator)
+        with torch.no_grad():
+            ref = tv_backbone(x)
+            out = model(x)
+        assert list(out) == list(TV_NAMES)
+        for level, tv_name in TV_NAMES.items():
+            assert out[level].shape == ref[tv_name].shape, (level, height, width)
+            error = relative_error(out[level], ref[tv_name])
+            assert error <= tolerance, f"{level} at {height}x{width}: relative error {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def faster_rcnn():
+    return torchvision_detector("fasterrcnn")
+
+
+def test_faster_rcnn_state_dict_parity(faster_rcnn, tmp_path):
+    path = save(faster_rcnn.state_dict(), tmp_path / "fasterrcnn.pth")
+    model = fpnx.build_model(path)
+    assert model.weights.extras["layout"] == "torchvision-detector"
+    assert model.weights.trained and model.weights.bn_eps == 1e-5
+    assert_pyramid_equal(model, faster_rcnn.backbone)
+
+
+def test_folded_norms_keep_parity(faster_rcnn, tmp_path):
+    path = save(faster_rcnn.state_dict(), tmp_path / "fasterrcnn.pth")
+    model = fpnx.build_model(path, fold_norm=True)
+    assert not any(isinstance(m, fpnx.models.FrozenBatchNorm2d) for m in model.modules())
+    assert_pyramid_equal(model, faster_rcnn.backbone, sizes=[(97, 131)])
+
+
+@pytest.mark.parametrize("kind", ["maskrcnn", "keypointrcnn"])
+def test_other_detectors_parity(kind, tmp_path):
+    detector = torchvision_detector(kind, seed=3)
+    model = fpnx.build_model(save(detector.state_dict(), tmp_path / f"{kind}.pth"))
+    assert_pyramid_equal(model, detector.backbone, sizes=[(97, 131)])
+
+
+def test_backbone_only_state_dict(faster_rcnn, tmp_path):
+    model = fpnx.build_model(save(faster_rcnn.backbone.state_dict(), tmp_path / "backbone.pt"))
+    assert model.weights.extras["layout"] == "torchvision-backbone"
+    assert_pyramid_equal(model, faster_rcnn.backbone, sizes=[(97, 131)])
+
+
+def test_old_fpn_key_names(faster_rcnn, tmp_path):
+    old = {k.replace(".0.weight", ".weight").replace(".0.bias", ".bias") if ".fpn." in k else k: v
+           for k, v in faster_rcnn.state_dict().items()}
+    assert "backbone.fpn.inner_blocks.0.weight" in old
+    model = fpnx.build_model(save(old, tmp_path / "old.pth"))
+    assert_pyramid_equal(model, faster_rcnn.backbone, sizes=[(97, 131)])
+
+
+def test_eps_zero_matters_and_matches(tmp_path):
+    # small running variances make eps 1e-5 vs 0 a visible difference
+    detector = torchvision_detector("fasterrcnn", seed=5, var_range=(1e-4, 1e-3))
+    for module in detector.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 0.0
+    path = save(detector.state_dict(), tmp_path / "eps0.pth")
+    model = fpnx.build_model(path, bn_eps=0.0)
+    assert model.weights.bn_eps == 0.0
+    assert_pyramid_equal(model, detector.backbone, sizes=[(64, 96)])
+    wrong = fpnx.build_model(path)  # local files default to eps 1e-5
+    with pytest.raises(AssertionError):
+        assert_pyramid_equal(wrong, detector.backbone, sizes=[(64, 96)])
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_resnet_bodies_match_torchvision(depth, tmp_path):
+    reference = torchvision_resnet(depth, seed=depth)
+    with pytest.warns(UserWarning, match="FPN is randomly initialised"):
+        model = fpnx.build_model(save(reference.state_dict(), tmp_path / f"r{depth}.pth"))
+    assert model.weights.depth == depth and not model.weights.fpn_trained
+    x = torch.randn(1, 3, 67, 93, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = model.bottom_up(x)
+        y = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        for index, name in enumerate(["res2", "res3", "res4", "res5"], start=1):
+            y = getattr(reference, f"layer{index}")(y)
+            assert relative_error(outputs[name], y) <= TOLERANCE, (depth, name)
+    shapes = model.bottom_up.output_shape()
+    assert [shapes[n].stride for n in shapes] == [4, 8, 16, 32]
+    expansion = 1 if depth < 50 else 4
+    assert [shapes[n].channels for n in shapes] == [64 * expansion * 2**i for i in range(4)]
+
+
+def test_depth_mismatch_is_an_error(faster_rcnn, tmp_path):
+    with pytest.raises(WeightsError, match="ResNet-50, not a ResNet-101"):
+        fpnx.build_model(save(faster_rcnn.state_dict(), tmp_path / "f.pth"), depth=101)
+    with pytest.raises(UsageError):
+        fpnx.build_model(None, depth=42)
+
+
+def test_detectron2_pickle_layout_and_stride_in_1x1(faster_rcnn, tmp_path):
+    path = save_detectron2_pickle(faster_rcnn.state_dict(), tmp_path / "model_final.pkl")
+    model = fpnx.build_model(path)
+    weights = model.weights
+    # what differs from torchvision, pinned
+    assert weights.extras["layout"] == "detectron2" and weights.framework == "detectron2"
+    assert weights.stride_in_1x1 and weights.bn_eps == 1e-5
+    prep = model.preprocessing
+    assert (prep.pixel_order, prep.value_range, prep.resize) == ("BGR", 255.0, "detectron2")
+    assert prep.mean == (103.530, 116.280, 123.675) and prep.std == (1.0, 1.0, 1.0)
+    block = model.bottom_up.res3[0]
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
+
+    # Same tensors with the stride moved back equal torchvision: the key mapping is exact.
+    assert_pyramid_equal(fpnx.build_model(path, stride_in_1x1=False), faster_rcnn.backbone, sizes=[(97, 131)])
+    # With the stride in the 1x1 conv, fpnx equals torchvision's network with its strides moved the same way.
+    for layer in (faster_rcnn.backbone.body.layer2, faster_rcnn.backbone.body.layer3, faster_rcnn.backbone.body.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    try:
+        assert_pyramid_equal(model, faster_rcnn.backbone, sizes=[(64, 64), (97, 131)])
+    finally:
+        for layer in (faster_rcnn.backbone.body.layer2, faster_rcnn.backbone.body.layer3, faster_rcnn.backbone.body.layer4):
+            layer[0].conv1.stride, layer[0].conv2.stride = (1, 1), (2, 2)
+
+
+def test_safetensors_checkpoint(faster_rcnn, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in faster_rcnn.state_dict().items()}, str(path))
+    assert_pyramid_equal(fpnx.build_model(path), faster_rcnn.backbone, sizes=[(64, 64)])
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_hostile_pickle_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"model": {"x": _Exploit(marker)}}))
+    with pytest.raises(WeightsError, match=r"refused.*os\.system|refused.*posix\.system"):
+        fpnx.build_model(path)
+    assert not marker.exists()
+
+
+def test_hostile_torch_file_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Exploit(marker)}, path)
+    with pytest.raises(WeightsError, match="evil.pth"):
+        fpnx.build_model(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_truncated_checkpoint(faster_rcnn, tmp_path, suffix):
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".pkl":
+        save_detectron2_pickle(faster_rcnn.state_dict(), full)
+    else:
+        save(faster_rcnn.state_dict(), full)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        fpnx.build_model(cut)
+
+
+def test_missing_and_unexpected_keys_are_named(faster_rcnn, tmp_path):
+    state = dict(faster_rcnn.state_dict())
+    del state["backbone.body.layer3.2.conv2.weight"]
+    with pytest.raises(WeightsError, match=r"res4\.2\.conv2\.weight"):
+        fpnx.build_model(save(state, tmp_path / "missing.pth"))
+    state = dict(faster_rcnn.state_dict())
+    state["backbone.body.layer9.0.conv1.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match=r"res10\.0\.conv1"):
+        fpnx.build_model(save(state, tmp_path / "extra.pth"))
+
+
+def test_random_weights_are_seeded_and_untrained():
+    first, second = fpnx.build_model("random"), fpnx.build_model(None)
+    assert not first.weights.trained and first.weights.name == "random"
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = fpnx.build_model("random", seed=1)
+    assert not torch.equal(other.state_dict()["bottom_up.stem.conv1.weight"], first.state_dict()["bottom_up.stem.conv1.weight"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = first(x)
+    assert all(torch.isfinite(v).all() and v.abs().max() > 0 for v in out.values())
+
+
+def test_output_shape_without_running():
+    model = fpnx.build_model("random", depth=18)
+    shapes = model.output_shape()
+    assert [(s.name, s.channels, s.stride) for s in shapes.values()] == [
+        ("p2", 256, 4), ("p3", 256, 8), ("p4", 256, 16), ("p5", 256, 32), ("p6", 256, 64)
+    ]
+    assert shapes["p3"].spatial_size(97, 131) == (13, 17)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 97, 131))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        k: s.spatial_size(97, 131) for k, s in shapes.items()
+    }
