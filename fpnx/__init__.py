@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from .errors import FpnxError, ImageError, StoreError, UsageError, WeightsError
 from .models import FeatureInfo, build_model
+from .pipeline import ExtractSummary, extract
 from .preprocess import Preprocessing
+from .store import open_features
 from .weights import DEFAULT_WEIGHTS, Weights, get_weights, list_weights
 
 __all__ = [
@@ -17,7 +19,10 @@ __all__ = [
     "UsageError",
     "Weights",
     "WeightsError",
+    "ExtractSummary",
     "build_model",
+    "extract",
     "get_weights",
     "list_weights",
+    "open_features",
 ]

@@ -234,3 +234,28 @@ def test_output_shape_without_running():
     assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
         k: s.spatial_size(97, 131) for k, s in shapes.items()
     }
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_is_close_and_never_overflows(precision):
+    from fpnx.models import forward
+
+    model = fpnx.build_model("random")
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    reference = forward(model, x, "fp32").outputs
+    result = forward(model, x, precision)
+    assert not result.fell_back_to_fp32
+    for level, ref in reference.items():
+        assert relative_error(result.outputs[level].float(), ref) < 0.1, level
+
+    with torch.no_grad():  # activations beyond fp16's 65504: fp32 stays finite
+        model.bottom_up.stem.conv1.weight.mul_(1e6)
+    reference = forward(model, x, "fp32").outputs
+    assert all(torch.isfinite(v).all() for v in reference.values())
+    assert max(v.abs().max().item() for v in reference.values()) > 65504
+    result = forward(model, x, precision)
+    assert all(torch.isfinite(v).all() for v in result.outputs.values())
+    if precision == "fp16":
+        assert result.fell_back_to_fp32
+        for level, ref in reference.items():
+            assert relative_error(result.outputs[level], ref) <= TOLERANCE

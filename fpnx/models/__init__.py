@@ -2,6 +2,7 @@
 
 from .build import FeaturePyramid, build_model
 from .fpn import FPN, LastLevelMaxPool
+from .inference import Forward, autocast, cpu_has_native_bf16, forward, optimize_for_inference
 from .layers import ConvNorm, FrozenBatchNorm2d, fold_norms
 from .resnet import ResNet
 from .shapes import FeatureInfo
@@ -14,6 +15,11 @@ __all__ = [
     "FrozenBatchNorm2d",
     "LastLevelMaxPool",
     "ResNet",
+    "Forward",
+    "autocast",
     "build_model",
+    "cpu_has_native_bf16",
+    "forward",
+    "optimize_for_inference",
     "fold_norms",
 ]
