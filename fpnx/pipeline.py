@@ -36,6 +36,7 @@ from .weights import DEFAULT_WEIGHTS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 COMPRESSIONS = ("none", "lzf", "gzip")
+LEVELS = ("p2", "p3", "p4", "p5", "p6")  # what every fpnx network produces; checked before loading weights
 FLOAT16_MAX = 65504.0
 
 ProgressCallback = Callable[["Progress"], None]
@@ -152,7 +153,8 @@ def extract(
     anew. Failed images are recorded with a reason and the run goes on. ``progress=True`` shows a tqdm bar;
     a callable gets :class:`Progress` updates instead. Returns an :class:`ExtractSummary`.
     """
-    _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels)
+    _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels, levels)
+    _check_output(Path(out))
     started = time.perf_counter()
     torch_device = resolve_device(device)
     discovery = discover(inputs)
@@ -160,11 +162,7 @@ def extract(
         model = build_model(weights, depth=depth, bn_eps=bn_eps)
     spec = model.preprocessing.replace(min_size=min_size, max_size=max_size, pixel_order=pixel_order)
     shapes = model.output_shape()
-    levels = list(levels) if levels else list(shapes)
-    unknown = [name for name in levels if name not in shapes]
-    if unknown:
-        raise UsageError(f"unknown level {unknown[0]!r}; this model produces {', '.join(shapes)}")
-    levels = [name for name in shapes if name in levels]  # canonical order, no duplicates
+    levels = [name for name in shapes if name in (levels or shapes)]  # canonical order, no duplicates
     model = optimize_for_inference(model, channels_last=channels_last and torch_device.type != "mps").to(torch_device)
 
     settings = {
@@ -230,7 +228,10 @@ def extract(
     )
 
 
-def _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels) -> None:
+def _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels, levels) -> None:
+    unknown = [name for name in levels or () if name not in LEVELS]
+    if unknown:
+        raise UsageError(f"unknown level {unknown[0]!r}; choose from {', '.join(LEVELS)}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if min_size < 1 or max_size < 1:
@@ -245,6 +246,14 @@ def _check_options(batch_size, min_size, max_size, pixel_order, dtype, compressi
         raise UsageError(f"--workers must be 0 or more, got {workers}")
     if max_pixels < 1:
         raise UsageError(f"--max-pixels must be positive, got {max_pixels}")
+
+
+def _check_output(out: Path) -> None:
+    """Before any weights are loaded: a bad --out should not cost a download."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; --out must be a file path such as features.h5")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: the folder {out.parent} does not exist")
 
 
 def _default_workers(device: torch.device) -> int:
