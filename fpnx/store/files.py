@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def fsync_file(path: Path) -> None:
@@ -73,3 +75,64 @@ def describe_os_error(error: BaseException) -> str:
         return os.strerror(number)
     text = str(error).strip().splitlines()
     return text[0] if text and text[0] else type(error).__name__
+
+
+class FailSafeFile(io.RawIOBase):
+    """A file for h5py's file-object driver that hides write failures from HDF5 and remembers the first one.
+
+    HDF5 cannot recover from a failed write (disk full, quota, I/O error): the file can then neither be flushed
+    nor closed cleanly, and the process may crash later. Only ``.tmp`` files that a failure throws away are
+    written through this class, so a failed write is reported to HDF5 as done and every later write is skipped;
+    the owner checks :attr:`failure` after each step and raises it (with its errno) itself.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.failure: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self._file.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.failure is None and done < len(view):
+            try:
+                done += self._file.write(view[done:]) or 0
+            except OSError as error:
+                self.failure = error
+        if done < len(view):  # pretend: this file is thrown away, and HDF5 must stay able to close it
+            self._file.seek(len(view) - done, io.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.failure is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as error:
+                self.failure = error
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()

@@ -20,10 +20,10 @@ from . import schema
 from .files import describe_os_error, publish, remove_file
 from .lock import OutputLock
 from .parts import tmp_path_for
-from .reader import describe_input, load_file
+from .inputs import describe_input, load_file
 from .settings import first_difference
 from .storefile import Index, StoreFile, combine_failures
-from .tables import create_file, write_tables
+from .tables import NewFile, write_tables
 
 
 def merge_stores(
@@ -86,7 +86,8 @@ def write_merged(
     indexes: list[Index] = []
     segments: list[np.ndarray] = []
     try:
-        with create_file(tmp, attrs) as dst:
+        with NewFile(tmp, attrs) as target:
+            dst = target.h5
             blocks = dst[schema.BLOCKS]
             for path in files:
                 store, index = load_file(path, settings)
@@ -94,13 +95,14 @@ def write_merged(
                     _refuse_duplicates(store.path, index, stored_in)
                     renumbering = {}
                     for old in _block_numbers(store):
-                        new = len(blocks) + 1
-                        _copy_block(store, old, blocks.create_group(schema.block_name(new)))
-                        renumbering[old] = new
+                        number = len(blocks) + 1
+                        _copy_block(store, old, blocks.create_group(schema.block_name(number)))
+                        renumbering[old] = number
                     segments.append(_renumber(store, index, renumbering))
                     indexes.append(index)
                 finally:
                     store.close()
+                target.check()  # stop at the first failed write (disk full), not after copying everything
             merged = _concatenate(indexes, segments, layout)
             write_tables(dst, layout, merged.sources, merged.columns, merged.failures)
         publish(tmp, out)

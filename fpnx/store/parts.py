@@ -85,7 +85,9 @@ class Manifest:
         if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
             raise StoreError(f"{path} is not an fpnx run manifest")
         version = record.get("format_version")
-        if not isinstance(version, int) or version > schema.FORMAT_VERSION:
+        if not isinstance(version, int):
+            raise StoreError(f"{path} is damaged (format_version is {version!r}); --overwrite starts anew")
+        if version > schema.FORMAT_VERSION:
             raise StoreError(
                 f"{path} was written by a newer fpnx (format_version {version}; this fpnx reads up to "
                 f"{schema.FORMAT_VERSION}); upgrade fpnx"

@@ -6,11 +6,9 @@ per level of an already-open block dataset. Files are opened read-only and only 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,85 +17,12 @@ import numpy as np
 
 from ..errors import StoreError
 from . import schema
-from .parts import Manifest, committed_segments, looks_like_parts, parts_dir_for
-from .settings import first_difference
-from .storefile import Index, StoreFile, combine_failures, open_store_file, plain, problems_as_store_errors
+from .inputs import StoreInput, describe_input, load_file
+from .storefile import Index, StoreFile, combine_failures, open_store_file, problems_as_store_errors
 
 # Bounds on open handles: a .parts folder may hold thousands of segments, a file thousands of blocks.
 OPEN_FILES = 16
 OPEN_DATASETS = 64
-
-
-@dataclass(frozen=True)
-class StoreInput:
-    """A finished file or a ``.parts`` folder: the fpnx files holding its images, and what they were made with."""
-
-    path: Path
-    files: list[Path]
-    layout: schema.Layout
-    settings: dict[str, Any]
-    metadata: dict[str, Any]
-    attrs: dict[str, Any]
-
-
-def describe_input(path: Path) -> StoreInput:
-    """Check ``path`` (file or ``.parts`` folder) and list its files, without loading any index."""
-    if path.is_dir():
-        if not looks_like_parts(path):
-            raise StoreError(f"{path} is a folder, neither an fpnx feature file nor an fpnx .parts folder")
-        manifest = Manifest.read(path)
-        attrs = _plain_attrs(schema.root_attributes(manifest.layout, manifest.settings, manifest.metadata))
-        try:
-            segments = [segment for _, segment in committed_segments(path)]
-        except FileNotFoundError:
-            raise StoreError(f"{path} vanished while being read: its run has finished; open the output") from None
-        return StoreInput(path, segments, manifest.layout, manifest.settings, manifest.metadata, attrs)
-    if not path.exists():
-        raise missing_output_error(path)
-    store = open_store_file(path)
-    try:
-        return StoreInput(path, [path], store.layout, store.settings, store.metadata, store.attrs)
-    finally:
-        store.close()
-
-
-def missing_output_error(path: Path) -> StoreError:
-    parts = parts_dir_for(path)
-    if not parts.is_dir():
-        return StoreError(f"{path} does not exist")
-    count = count_images(parts)
-    images = f"{count} images" if count is not None else "some images"
-    return StoreError(
-        f"{path} is not finished: an interrupted or running extract left {images} in {parts}; "
-        f"run the same command again to resume, or open {parts} to read what is done"
-    )
-
-
-def count_images(parts: Path) -> int | None:
-    """Images in the committed segments of ``parts`` (None if some segment cannot be read)."""
-    total = 0
-    try:
-        for _, segment in committed_segments(parts):
-            with h5py.File(segment, "r", locking="best-effort") as h5:
-                total += len(h5[schema.IMAGES][schema.SOURCE])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
-    return total
-
-
-def load_file(path: Path, settings: Mapping[str, Any] | None = None) -> tuple[StoreFile, Index]:
-    """Open one fpnx file and read its index; with ``settings``, refuse a file made with others."""
-    store = open_store_file(path)
-    try:
-        if settings is not None:
-            difference = first_difference(dict(settings), store.settings)
-            if difference:
-                key, expected, found = difference
-                raise StoreError(f"{path} was made with other settings: {key!r} is {found!r}, expected {expected!r}")
-        return store, store.read_index()
-    except BaseException:
-        store.close()
-        raise
 
 
 def open_features(path: str | os.PathLike[str]) -> "FeatureReader":
@@ -186,7 +111,8 @@ class FeatureReader:
 
     @property
     def sources(self) -> list[str]:
-        return list(self._sources)
+        """Sources in stored order. The reader's own list (cheap to index in a loop): do not modify it."""
+        return self._sources
 
     def index_of(self, source: str) -> int:
         try:
@@ -310,11 +236,3 @@ class FeatureReader:
 def _identity(path: Path) -> tuple[int, int, int, int]:
     st = os.stat(path)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _plain_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """Root attributes as a reader of a file would see them: plain values, settings and metadata parsed."""
-    result = {name: plain(value) for name, value in attrs.items()}
-    result[schema.ATTR_SETTINGS] = json.loads(result[schema.ATTR_SETTINGS])
-    result[schema.ATTR_METADATA] = json.loads(result[schema.ATTR_METADATA])
-    return result

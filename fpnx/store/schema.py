@@ -180,11 +180,13 @@ class Layout:
             "compression": self.compression,
         }
 
-    def dataset_options(self, first_array_size: int) -> dict[str, Any]:
-        """create_dataset options of a block dataset, given the element count of its first image's array."""
-        itemsize = np.dtype(self.dtype).itemsize
-        # About 1 MiB per chunk; one image's array when that is smaller (a small block gets no mostly-empty chunk).
-        chunk = max(1, min(BLOCK_CHUNK_BYTES // itemsize, first_array_size))
+    @property
+    def chunk_elements(self) -> int:
+        """Elements in a full chunk of a block dataset: about 1 MiB."""
+        return BLOCK_CHUNK_BYTES // np.dtype(self.dtype).itemsize
+
+    def dataset_options(self, chunk: int) -> dict[str, Any]:
+        """create_dataset options of a block dataset with ``chunk`` elements per chunk."""
         options: dict[str, Any] = {"chunks": (chunk,), "maxshape": (None,), "dtype": self.dtype}
         if self.compression == "gzip":
             options.update(compression="gzip", compression_opts=GZIP_LEVEL, shuffle=True)

@@ -43,7 +43,9 @@ def open_h5(path: Path) -> h5py.File:
     if path.is_dir():
         raise StoreError(f"{path} is a folder, not an fpnx feature file")
     try:
-        return h5py.File(path, "r", locking="best-effort", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
+        # HDF5's own file locks add nothing here (published fpnx files never change) and fail on some
+        # network file systems.
+        return h5py.File(path, "r", locking=False, rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
     except OSError as error:
         if not h5py.is_hdf5(path):
             raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
@@ -52,17 +54,23 @@ def open_h5(path: Path) -> h5py.File:
 
 
 def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
-    """``group[name]`` if it is a hard link to a ``kind``; soft and external links are refused, not followed."""
+    """``group[name]`` if it is a hard link to a ``kind`` holding its own data; links elsewhere are refused."""
     link = group.get(name, getlink=True)
-    where = f"{group.name.rstrip('/')}/{name}"
     if link is None:
-        raise StoreError(f"{path} is a damaged fpnx feature file: {where} is missing")
+        raise StoreError(f"{path} is a damaged fpnx feature file: {_where(group, name)} is missing")
     if not isinstance(link, h5py.HardLink):
-        raise StoreError(f"{path} is not a trusted fpnx feature file: {where} is a {type(link).__name__}")
+        raise StoreError(f"{path} is not a trusted fpnx feature file: {_where(group, name)} is a {type(link).__name__}")
     obj = group[name]
     if not isinstance(obj, kind):
-        raise StoreError(f"{path} is a damaged fpnx feature file: {where} is not a {kind.__name__.lower()}")
+        raise StoreError(f"{path} is a damaged fpnx feature file: {_where(group, name)} is not a {kind.__name__.lower()}")
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+        # Virtual datasets and external raw storage read other files: never from a file someone handed us.
+        raise StoreError(f"{path} is not a trusted fpnx feature file: {_where(group, name)} reads data from other files")
     return obj
+
+
+def _where(group: h5py.Group, name: str) -> str:
+    return f"{group.name.rstrip('/')}/{name}"
 
 
 def plain(value: Any) -> Any:
@@ -105,20 +113,33 @@ class StoreFile:
     settings: dict[str, Any]
     metadata: dict[str, Any]
     attrs: dict[str, Any]
+    _blocks_group: h5py.Group | None = None
+    _block_groups: dict[int, h5py.Group] = field(default_factory=dict)  # looked up once: files hold thousands
 
     def close(self) -> None:
+        self._block_groups.clear()
+        self._blocks_group = None
         self.h5.close()
 
     def read_index(self) -> Index:
+        """The whole /images table and /failures."""
         with problems_as_store_errors(self.path):
-            return self._read_index()
+            sources = self._sources()
+            return Index(sources, self._columns(len(sources)), self._failures())
 
-    def _read_index(self) -> Index:
+    def read_sources(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Only what a resuming writer needs: the stored sources and the failures."""
+        with problems_as_store_errors(self.path):
+            return self._sources(), self._failures()
+
+    def _sources(self) -> list[str]:
+        images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
+        return [_decode_source(raw, self.path) for raw in self._column(images, schema.SOURCE)]
+
+    def _columns(self, count: int) -> dict[str, np.ndarray]:
         images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
         wanted = {**schema.INDEX_COLUMNS}
         wanted.update({schema.offset_column(level): schema.OFFSET_DTYPE for level in self.layout.levels})
-        raw_sources = self._column(images, schema.SOURCE)
-        count = len(raw_sources)
         columns = {}
         for name, dtype in wanted.items():
             values = self._column(images, name)
@@ -130,13 +151,15 @@ class StoreFile:
             or min(columns[schema.offset_column(level)].min() for level in self.layout.levels) < 0
         ):
             raise StoreError(f"{self.path} is a damaged fpnx feature file: negative sizes or offsets in /images")
-        failures_group = hard_child(self.h5, schema.FAILURES, h5py.Group, self.path)
-        failed = self._column(failures_group, schema.SOURCE)
-        reasons = self._column(failures_group, schema.REASON)
+        return columns
+
+    def _failures(self) -> list[tuple[str, str]]:
+        group = hard_child(self.h5, schema.FAILURES, h5py.Group, self.path)
+        failed = self._column(group, schema.SOURCE)
+        reasons = self._column(group, schema.REASON)
         if len(failed) != len(reasons):
             raise StoreError(f"{self.path} is a damaged fpnx feature file: /failures columns differ in length")
-        failures = [(_decode_source(raw, self.path), _text(reason)) for raw, reason in zip(failed, reasons)]
-        return Index([_decode_source(raw, self.path) for raw in raw_sources], columns, failures)
+        return [(_decode_source(raw, self.path), _text(reason)) for raw, reason in zip(failed, reasons)]
 
     def _column(self, group: h5py.Group, name: str) -> np.ndarray:
         dataset = hard_child(group, name, h5py.Dataset, self.path)
@@ -146,20 +169,26 @@ class StoreFile:
 
     def block_names(self) -> list[str]:
         with problems_as_store_errors(self.path):
-            blocks = hard_child(self.h5, schema.BLOCKS, h5py.Group, self.path)
-            return list(blocks.keys())
+            return list(self._blocks().keys())
 
     def block_dataset(self, block: int, level: str) -> h5py.Dataset:
         """The flat dataset of ``level`` in block ``block``, checked to be a plain 1-D dataset of the stored dtype."""
         with problems_as_store_errors(self.path):
-            blocks = hard_child(self.h5, schema.BLOCKS, h5py.Group, self.path)
-            group = hard_child(blocks, schema.block_name(block), h5py.Group, self.path)
+            group = self._block_groups.get(block)
+            if group is None:
+                group = hard_child(self._blocks(), schema.block_name(block), h5py.Group, self.path)
+                self._block_groups[block] = group
             dataset = hard_child(group, level, h5py.Dataset, self.path)
             if dataset.ndim != 1 or dataset.dtype != np.dtype(self.layout.dtype):
                 raise StoreError(
                     f"{self.path} is a damaged fpnx feature file: {dataset.name} is not a 1-D {self.layout.dtype} dataset"
                 )
             return dataset
+
+    def _blocks(self) -> h5py.Group:
+        if self._blocks_group is None:
+            self._blocks_group = hard_child(self.h5, schema.BLOCKS, h5py.Group, self.path)
+        return self._blocks_group
 
 
 def _decode_source(raw: Any, path: Path) -> str:

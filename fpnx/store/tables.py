@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from . import schema
+from .files import FailSafeFile
 from .schema import Layout
 
 # While writing, the partly filled last chunk of each block dataset must stay in the cache (so it is compressed
@@ -20,19 +21,66 @@ from .schema import Layout
 WRITE_CHUNK_CACHE_BYTES = 4 << 20
 
 
-def create_file(path: Path, attrs: Mapping[str, Any]) -> h5py.File:
-    """A new, empty fpnx file at ``path`` (a ``.tmp`` name: it becomes visible only when published)."""
-    h5 = h5py.File(
-        path, "w", libver=schema.LIBVER, locking="best-effort", rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, rdcc_w0=1.0
-    )
-    try:
-        for name, value in attrs.items():
-            h5.attrs[name] = value
-        h5.create_group(schema.BLOCKS)
-    except BaseException:
-        h5.close()
-        raise
-    return h5
+class NewFile:
+    """A new fpnx file being written at ``path`` (a ``.tmp`` name: it becomes visible only when published).
+
+    Written through :class:`FailSafeFile`: HDF5 never sees a failed write, and :meth:`check` and :meth:`close`
+    raise the first one (an OSError with its errno) so the caller can throw the file away.
+    """
+
+    def __init__(self, path: Path, attrs: Mapping[str, Any]) -> None:
+        self._raw = FailSafeFile(path)
+        try:
+            self.h5 = h5py.File(
+                self._raw, "w", libver=schema.LIBVER, rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, rdcc_w0=1.0
+            )
+        except BaseException:
+            self._raw.close()
+            raise
+        try:
+            for name, value in attrs.items():
+                self.h5.attrs[name] = value
+            self.h5.create_group(schema.BLOCKS)
+            self.check()
+        except BaseException:
+            self.abandon()
+            raise
+
+    @property
+    def failure(self) -> OSError | None:
+        return self._raw.failure
+
+    def check(self) -> None:
+        """Raise the first failed write, if any."""
+        if self._raw.failure is not None:
+            raise self._raw.failure
+
+    def close(self) -> None:
+        """Close, then raise the first failed write, if any (the file must then be thrown away)."""
+        if not self._raw.closed:
+            try:
+                self.h5.close()
+            finally:
+                self._raw.close()
+        self.check()
+
+    def abandon(self) -> None:
+        """Close without raising: the caller reports the failure and removes the file."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the failure is being reported by the caller already
+            pass
+
+    def __enter__(self) -> "NewFile":
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        self.abandon()
+        if self.failure is not None and rest and rest[0] is not self.failure:
+            raise self.failure  # report the cause (errno) rather than whatever HDF5 made of it
 
 
 def write_tables(

@@ -1,0 +1,663 @@
+"""fpnx.store: round trips, the documented plain-h5py recipe, crash safety (real SIGKILLs), locking, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fpnx.errors import StoreError, UsageError
+from fpnx.store import FORMAT_VERSION, FeatureReader, FeatureWriter, ImageRecord, merge_stores, open_features
+from fpnx.store import segment as segment_module
+
+LEVELS = ["p2", "p3", "p6"]
+CHANNELS = {"p2": 3, "p3": 4, "p6": 2}
+STRIDES = {"p2": 4, "p3": 8, "p6": 64}
+SETTINGS = {"weights": {"name": "tiny", "sha256": "ab" * 32}, "preprocessing": {"mean": [0.5, 0.5, 0.5]}}
+METADATA = {"fpnx_version": "0.1.0", "weights": {"name": "tiny", "sha256": "ab" * 32, "trained": True}, "command": "t"}
+SIZES = [(37, 50), (64, 64), (5, 129), (1, 1), (100, 33), (70, 71), (8, 9), (250, 3)]
+FORK = multiprocessing.get_context("fork")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def writer(path: Path, **overrides) -> FeatureWriter:
+    options = dict(
+        settings=SETTINGS, metadata=METADATA, levels=LEVELS, channels=CHANNELS, strides=STRIDES,
+        commit_every_s=3600.0, commit_every_bytes=1 << 40,
+    )
+    options.update(overrides)
+    return FeatureWriter(path, **options)
+
+
+def image(k: int, dtype: str = "float32", source: str | None = None) -> tuple[ImageRecord, dict[str, np.ndarray]]:
+    """Image number k: a deterministic record and feature arrays of the right shapes."""
+    height, width = SIZES[k % len(SIZES)]
+    record = ImageRecord(source or f"img/{k:03d}.jpg", height * 2, width * 2 + 1, height, width, 0.5 + k / 1000)
+    rng = np.random.default_rng(k)
+    features = {
+        level: rng.standard_normal(
+            (CHANNELS[level], math.ceil(height / STRIDES[level]), math.ceil(width / STRIDES[level]))
+        ).astype(dtype)
+        for level in LEVELS
+    }
+    return record, features
+
+
+def add_images(w: FeatureWriter, numbers, dtype: str = "float32") -> None:
+    for k in numbers:
+        w.add(*image(k, dtype))
+
+
+def contents(path: Path) -> dict:
+    """Everything a reader sees, for comparing stores independently of how they were cut into blocks."""
+    with open_features(path) as reader:
+        return {
+            "sources": reader.sources,
+            "info": [reader.info(i) for i in range(len(reader))],
+            "arrays": [{level: array.tolist() for level, array in reader[i].items()} for i in range(len(reader))],
+            "failures": reader.failures,
+            "settings": reader.attrs["settings"],
+        }
+
+
+def expect_images(reader: FeatureReader, numbers, dtype: str = "float32") -> None:
+    assert len(reader) == len(numbers)
+    for i, k in enumerate(numbers):
+        record, features = image(k, dtype)
+        assert reader.sources[i] == record.source
+        assert reader.info(i) == {
+            "source": record.source, "height": record.height, "width": record.width,
+            "input_height": record.input_height, "input_width": record.input_width, "scale": record.scale,
+        }
+        got = reader[record.source]
+        assert list(got) == LEVELS
+        for level in LEVELS:
+            assert got[level].dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(got[level], features[level])
+
+
+# -- round trips -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
+def test_round_trip(tmp_path, dtype, compression):
+    out = tmp_path / "out.h5"
+    with writer(out, dtype=dtype, compression=compression) as w:
+        add_images(w, range(5), dtype)
+        w.commit()
+        add_images(w, range(5, 8), dtype)
+        w.add_failure("img/broken.jpg", "cannot decode: truncated JPEG")
+        assert w.stored_count == 8
+        assert w.failed_sources == {"img/broken.jpg"}
+        assert w.finalize() == out
+    assert not (tmp_path / "out.h5.parts").exists() and not (tmp_path / "out.h5.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+
+    with open_features(out) as reader:
+        expect_images(reader, range(8), dtype)
+        assert reader[-1].keys() == reader[7].keys()
+        assert reader.failures == [("img/broken.jpg", "cannot decode: truncated JPEG")]
+        assert reader.levels == LEVELS
+        assert reader.index_of("img/003.jpg") == 3
+        assert "img/003.jpg" in reader and "nope" not in reader
+        assert reader.attrs["format"] == "fpnx-features" and reader.attrs["format_version"] == FORMAT_VERSION
+        assert reader.attrs["dtype"] == dtype and reader.attrs["compression"] == compression
+        assert reader.attrs["strides"] == [4, 8, 64] and reader.attrs["channels"] == [3, 4, 2]
+        assert reader.metadata["command"] == "t" and reader.metadata["weights"]["trained"] is True
+        assert reader.attrs["settings"]["dtype"] == dtype
+        with pytest.raises(KeyError):
+            reader["nope"]
+        with pytest.raises(IndexError):
+            reader[8]
+
+    with h5py.File(out, "r") as f:  # the layout docs/format.md promises
+        assert f.attrs["format"] == "fpnx-features" and f.attrs["format_version"] == 1
+        assert json.loads(f.attrs["metadata"])["fpnx_version"] == "0.1.0"
+        assert f.attrs["weights"] == f"tiny (sha256 {'ab' * 32})"
+        assert sorted(f["blocks"]) == ["000001", "000002"]
+        assert f["images/segment"][:].tolist() == [1] * 5 + [2] * 3
+        assert f["images/scale"].dtype == np.float64 and f["images/offset_p2"].dtype == np.int64
+        for name in f["images"]:
+            assert f["images"][name].maxshape == (None,) and f["images"][name].chunks
+        dataset = f["blocks/000001/p2"]
+        assert dataset.dtype == np.dtype(dtype) and dataset.ndim == 1
+        assert dataset.chunks == dataset.shape  # a block smaller than 1 MiB is one chunk of its size
+        assert dataset.compression == (None if compression == "none" else compression)
+
+
+def test_big_blocks_have_1_mib_chunks(tmp_path):
+    out = tmp_path / "out.h5"
+    side = 1264  # p2 of one image: 3 x 316 x 316 float32 = 1.2 MB
+    rng = np.random.default_rng(0)
+    records = [ImageRecord(f"big{k}.jpg", side, side, side, side - k, 1.0) for k in range(3)]
+    arrays = [
+        {level: rng.standard_normal((CHANNELS[level], math.ceil(side / STRIDES[level]),
+                                     math.ceil((side - k) / STRIDES[level]))).astype("float32") for level in LEVELS}
+        for k in range(3)
+    ]
+    with writer(out, compression="lzf") as w:
+        for record, features in zip(records, arrays):
+            w.add(record, features)
+        w.finalize()
+    with h5py.File(out, "r") as f:
+        assert f["blocks/000001/p2"].chunks == ((1 << 20) // 4,)
+    with open_features(out) as reader:
+        for k, features in enumerate(arrays):
+            for level in LEVELS:
+                np.testing.assert_array_equal(reader[k][level], features[level])
+
+
+def test_docs_recipe_runs_literally(tmp_path, monkeypatch):
+    """The plain-h5py recipe of docs/format.md, executed as written, reads what the reader reads."""
+    text = (REPO / "docs" / "format.md").read_text()
+    section = text.split("### Reading one image with plain h5py", 1)[1]
+    recipe = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    odd = os.fsdecode(b"caf\xe9 #1/../x.jpg")  # Latin-1 bytes: not UTF-8
+    with writer(tmp_path / "features.h5", dtype="float16", compression="gzip") as w:
+        record, features = image(2, "float16", source=odd)
+        w.add(record, features)
+        add_images(w, [3], "float16")
+        w.finalize()
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(recipe, "docs/format.md", "exec"), namespace)
+    assert namespace["source"] == odd
+    assert list(namespace["features"]) == LEVELS
+    for level in LEVELS:
+        np.testing.assert_array_equal(namespace["features"][level], features[level])
+
+
+def test_odd_sources_survive(tmp_path):
+    sources = [
+        os.fsdecode(b"\xff\xfe not utf8.jpg"),
+        "a/b/../c.jpg",
+        "/abs/path with space/#hash.png",
+        "..",
+        "/",
+        "日本語/写真.jpg",
+        "name\nwith newline.jpg",
+    ]
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        for k, source in enumerate(sources):
+            w.add(*image(k, source=source))
+        bad = os.fsdecode(b"bad\x80.jpg")
+        w.add_failure(bad, f"cannot open {bad}")
+        w.finalize()
+    with open_features(out) as reader:
+        assert reader.sources == sources
+        for k, source in enumerate(sources):
+            np.testing.assert_array_equal(reader[source]["p3"], image(k)[1]["p3"])
+        [(failed, reason)] = reader.failures
+        assert failed == os.fsdecode(b"bad\x80.jpg") and reason.startswith("cannot open bad")
+    with h5py.File(out, "r") as f:
+        assert list(f["images/source"][:]) == [os.fsencode(s) for s in sources]
+        assert f["images/source"][0].decode("utf-8", "surrogateescape") == sources[0]
+    with FeatureWriter(out, settings=SETTINGS, metadata=METADATA, levels=LEVELS, channels=CHANNELS,
+                       strides=STRIDES) as w:  # resume matches undecodable names exactly
+        assert w.done_sources == set(sources)
+
+
+# -- resuming ----------------------------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = tmp_path / "whole.h5"
+    with writer(whole) as w:
+        add_images(w, range(8))
+        w.add_failure("img/x.jpg", "bad")
+        w.finalize()
+
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        add_images(w, range(3))
+        w.commit()
+        add_images(w, range(3, 5))
+        w.add_failure("img/x.jpg", "bad")
+    # closed without finalize: the work is in the parts, committed
+    assert not out.exists()
+    with writer(out) as w:
+        assert w.done_sources == {image(k)[0].source for k in range(5)}
+        assert w.failed_sources == {"img/x.jpg"}
+        with pytest.raises(ValueError, match="already stored"):
+            w.add(*image(1))
+        add_images(w, range(5, 8))
+        w.finalize()
+    assert contents(out) == contents(whole)
+
+
+def _write_then_hang(out: Path, committed: int, pending: int, ready) -> None:
+    w = writer(out)
+    add_images(w, range(committed))
+    w.commit()
+    add_images(w, range(committed, committed + pending))  # in seg-000002.h5.tmp, never committed
+    ready.set()
+    time.sleep(60)
+
+
+def _kill_child(target, *args) -> None:
+    ready = FORK.Event()
+    child = FORK.Process(target=target, args=(*args, ready))
+    child.start()
+    assert ready.wait(20), "the child never got ready"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+
+
+def test_killed_writer_resumes(tmp_path):
+    whole = tmp_path / "whole.h5"
+    with writer(whole) as w:
+        add_images(w, range(8))
+        w.finalize()
+
+    out = tmp_path / "out.h5"
+    _kill_child(_write_then_hang, out, 4, 3)
+    parts = tmp_path / "out.h5.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "seg-000001.h5", "seg-000002.h5.tmp"]
+    assert (tmp_path / "out.h5.lock").exists()  # stale, but the dead process holds no lock
+
+    with open_features(parts) as reader:  # what survived is readable while unfinished
+        expect_images(reader, range(4))
+    with writer(out) as w:
+        assert not (parts / "seg-000002.h5.tmp").exists()
+        assert w.done_sources == {image(k)[0].source for k in range(4)}
+        add_images(w, sorted(set(range(8)) - {int(s[4:7]) for s in w.done_sources}))
+        w.finalize()
+    assert contents(out) == contents(whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "whole.h5"]
+
+
+def _finalize_killed_at(out: Path, where: str, ready) -> None:
+    import fpnx.store.writer as writer_module
+    import fpnx.store.merge as merge_module
+
+    def die(*args, **kwargs):
+        ready.set()
+        time.sleep(60)
+
+    w = writer(out)
+    add_images(w, range(4, 6))
+    if where == "before rename":
+        monkey = merge_module.publish
+        merge_module.publish = lambda tmp, final: die() if tmp.name == "out.h5.tmp" else monkey(tmp, final)
+    else:
+        writer_module.remove_tree = die
+    w.finalize()
+
+
+@pytest.mark.parametrize("where", ["before rename", "after rename"])
+def test_killed_finalize_resumes(tmp_path, where):
+    out = tmp_path / "out.h5"
+    with writer(out) as w:  # an earlier, finished run: the kill must never hurt it
+        add_images(w, range(4))
+        w.finalize()
+    _kill_child(_finalize_killed_at, out, where)
+    assert (tmp_path / "out.h5.parts").is_dir()
+    with open_features(out) as reader:
+        assert len(reader) == (4 if where == "before rename" else 6)
+    with writer(out) as w:
+        assert w.done_sources == {image(k)[0].source for k in (range(6))}
+        assert not (tmp_path / "out.h5.tmp").exists()
+        add_images(w, [6])
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(7))
+
+
+def test_incremental_finalize(tmp_path):
+    out = tmp_path / "out.h5"
+    with writer(out, compression="gzip") as w:
+        add_images(w, range(3))
+        w.add_failure("img/006.jpg", "timeout")
+        w.finalize()
+    with writer(out, compression="gzip") as w:
+        assert w.done_sources == {image(k)[0].source for k in range(3)}
+        assert w.failed_sources == {"img/006.jpg"}
+        add_images(w, range(3, 7))  # including the source that failed before
+    with writer(out, compression="gzip") as w:  # resumed: the stored row outranks the old failure
+        assert w.failed_sources == frozenset()
+        assert w.done_sources == {image(k)[0].source for k in range(7)}
+        add_images(w, [7])
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(8))
+        assert reader.failures == []
+    with h5py.File(out, "r") as f:
+        assert sorted(f["blocks"]) == ["000001", "000002", "000003"]
+    with writer(out, compression="gzip") as w:  # nothing new: finalize keeps the file as it is
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(8))
+
+
+def test_automatic_commits(tmp_path):
+    out = tmp_path / "out.h5"
+    with writer(out, commit_every_bytes=1) as w:
+        add_images(w, range(3))
+        assert len(list((tmp_path / "out.h5.parts").glob("seg-*.h5"))) == 3
+    with writer(out, commit_every_s=1e-9) as w:
+        add_images(w, [3])
+    assert len(list((tmp_path / "out.h5.parts").glob("seg-*.h5"))) == 4
+
+
+# -- refusing --------------------------------------------------------------------------------------------------
+
+
+def test_settings_mismatch_and_overwrite(tmp_path):
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        add_images(w, range(2))
+    other = {**SETTINGS, "preprocessing": {"mean": [0.1, 0.5, 0.5]}}
+    with pytest.raises(StoreError, match=r"'preprocessing\.mean' was \[0\.5, 0\.5, 0\.5\], now \[0\.1, 0\.5, 0\.5\].*--overwrite starts anew"):
+        writer(out, settings=other)
+    with pytest.raises(StoreError, match="'dtype' was 'float32', now 'float16'"):
+        writer(out, dtype="float16")
+    with writer(out) as w:  # the refusals changed nothing
+        assert w.stored_count == 2
+        w.finalize()
+    with pytest.raises(StoreError, match=r"out\.h5 was made with other settings: 'compression'"):
+        writer(out, compression="lzf")
+    with writer(out, dtype="float16", overwrite=True) as w:
+        assert w.done_sources == frozenset()
+        add_images(w, [5], "float16")
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, [5], "float16")
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(UsageError, match="folder"):
+        writer(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        writer(tmp_path / "missing" / "out.h5")
+    with pytest.raises(UsageError, match="dtype"):
+        writer(tmp_path / "out.h5", dtype="float64")
+    with pytest.raises(UsageError, match="compression"):
+        writer(tmp_path / "out.h5", compression="zstd")
+    with pytest.raises(UsageError, match="strides"):
+        writer(tmp_path / "out.h5", strides={"p2": 4})
+    with pytest.raises(UsageError, match="dtype"):
+        writer(tmp_path / "out.h5", settings={"dtype": "float16"})  # settings contradict the arguments
+    assert list(tmp_path.iterdir()) == []
+
+    with writer(tmp_path / "out.h5") as w:
+        record, features = image(0)
+        with pytest.raises(ValueError, match="shape"):
+            w.add(record, {**features, "p3": features["p3"][:, :-1]})
+        with pytest.raises(ValueError, match="float16"):
+            w.add(record, {level: a.astype("float16") for level, a in features.items()})
+        with pytest.raises(ValueError, match="levels"):
+            w.add(record, {"p2": features["p2"]})
+        w.add(record, features)
+        with pytest.raises(ValueError, match="already stored"):
+            w.add(record, features)
+        with pytest.raises(ValueError, match="already stored"):
+            w.add_failure(record.source, "x")
+    with pytest.raises(ValueError, match="closed"):
+        w.add(*image(1))
+
+
+def _hold_writer(out: Path, ready) -> None:
+    writer(out)
+    ready.set()
+    time.sleep(60)
+
+
+def test_second_writer_refused(tmp_path):
+    out = tmp_path / "out.h5"
+    ready = FORK.Event()
+    child = FORK.Process(target=_hold_writer, args=(out, ready))
+    child.start()
+    try:
+        assert ready.wait(20)
+        with pytest.raises(StoreError, match=rf"out\.h5 is being written by another fpnx run \(pid {child.pid} on .+\); wait for it or choose another --out"):
+            writer(out)
+        with pytest.raises(StoreError, match="being written"):
+            merge_stores([tmp_path / "out.h5.parts"], out, overwrite=True)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    with writer(out) as first:  # the dead holder's lock went with it
+        with pytest.raises(StoreError, match=f"pid {os.getpid()}"):
+            writer(out)  # a second writer in the same process is refused too
+        first.add(*image(0))
+    assert not (tmp_path / "out.h5.lock").exists()
+
+
+# -- damaged and unfinished files ------------------------------------------------------------------------------
+
+
+def _finished(path: Path, numbers=range(3), **options) -> Path:
+    with writer(path, **options) as w:
+        add_images(w, numbers)
+        w.finalize()
+    return path
+
+
+def test_damaged_files_give_one_line_errors(tmp_path):
+    good = _finished(tmp_path / "good.h5")
+    cases = {}
+    cases["random.h5"] = lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000))
+    cases["empty.h5"] = lambda p: p.write_bytes(b"")
+    cases["truncated.h5"] = lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+    def no_format(p):
+        with h5py.File(p, "w") as f:
+            f["x"] = 1
+
+    def newer(p):
+        shutil.copy(good, p)
+        with h5py.File(p, "r+") as f:
+            f.attrs["format_version"] = FORMAT_VERSION + 1
+
+    def soft_link(p):
+        shutil.copy(good, p)
+        with h5py.File(p, "r+") as f:
+            del f["images/height"]
+            f["images/height"] = h5py.SoftLink("/images/width")
+
+    def external_link(p):
+        shutil.copy(good, p)
+        with h5py.File(p, "r+") as f:
+            del f["blocks/000001/p2"]
+            f["blocks/000001/p2"] = h5py.ExternalLink(str(good), "/blocks/000001/p2")
+
+    def external_storage(p):
+        shutil.copy(good, p)
+        (tmp_path / "secret.bin").write_bytes(b"\x01" * 4096)
+        with h5py.File(p, "r+") as f:
+            size = f["blocks/000001/p3"].shape[0]
+            del f["blocks/000001/p3"]
+            f.create_dataset("blocks/000001/p3", shape=(size,), dtype="float32",
+                             external=[(str(tmp_path / "secret.bin"), 0, h5py.h5f.UNLIMITED)])
+
+    def virtual(p):
+        shutil.copy(good, p)
+        with h5py.File(p, "r+") as f:
+            size = f["blocks/000001/p6"].shape[0]
+            layout = h5py.VirtualLayout(shape=(size,), dtype="float32")
+            layout[:] = h5py.VirtualSource(str(good), "blocks/000001/p6", shape=(size,))
+            del f["blocks/000001/p6"]
+            f.create_virtual_dataset("blocks/000001/p6", layout)
+
+    def short_block(p):
+        shutil.copy(good, p)
+        with h5py.File(p, "r+") as f:
+            f["images/offset_p3"][-1] = 10**9
+
+    cases.update({"no_format.h5": no_format, "newer.h5": newer, "soft_link.h5": soft_link,
+                  "external_link.h5": external_link, "external_storage.h5": external_storage,
+                  "virtual.h5": virtual, "short_block.h5": short_block})
+    expected = {
+        "random.h5": r"not an fpnx feature file \(not HDF5\)", "empty.h5": "not HDF5",
+        "truncated.h5": "damaged", "no_format.h5": "has no 'format' attribute",
+        "newer.h5": f"newer fpnx \\(format_version {FORMAT_VERSION + 1}", "soft_link.h5": "SoftLink",
+        "external_link.h5": "ExternalLink", "external_storage.h5": "reads data from other files",
+        "virtual.h5": "reads data from other files", "short_block.h5": "past the end",
+    }
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(StoreError, match=expected[name]) as caught:
+            with open_features(path) as reader:
+                for i in range(len(reader)):
+                    reader[i]
+        message = str(caught.value)
+        assert name in message and "\n" not in message, message
+    with pytest.raises(StoreError, match="does not exist"):
+        open_features(tmp_path / "nothing.h5")
+    with pytest.raises(StoreError, match="--overwrite starts anew"):
+        writer(tmp_path / "random.h5")  # a damaged output is never silently replaced
+
+
+def test_unfinished_output_and_live_parts_view(tmp_path):
+    out = tmp_path / "out.h5"
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    add_images(w, [3])  # pending: not visible yet
+    with pytest.raises(StoreError, match=r"out\.h5 is not finished: an interrupted or running extract left 3 images in .*out\.h5\.parts; run the same command again to resume, or open .*out\.h5\.parts to read what is done"):
+        open_features(out)
+    reader = open_features(tmp_path / "out.h5.parts")  # while the writer is still running
+    expect_images(reader, range(3))
+    assert reader.attrs["settings"] == json.loads(json.dumps(reader.attrs["settings"]))
+    assert reader.levels == LEVELS
+    w.close()
+    with pytest.raises(StoreError, match="left 4 images"):
+        open_features(out)
+    reader.close()
+    expect_images(reader, range(3))  # still usable after close: files reopen on demand
+
+
+def test_write_error_keeps_committed_segments(tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    add_images(w, range(3, 5))
+    real_publish = segment_module.publish
+
+    def disk_full(tmp, final):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segment_module, "publish", disk_full)
+    with pytest.raises(StoreError) as caught:
+        w.commit()
+    assert str(caught.value) == (
+        f"cannot write {tmp_path / 'out.h5.parts' / 'seg-000002.h5'}: No space left on device; the 3 images "
+        "written before are kept; free space and run the same command again"
+    )
+    monkeypatch.setattr(segment_module, "publish", real_publish)
+    assert sorted(p.name for p in (tmp_path / "out.h5.parts").iterdir()) == ["manifest.json", "seg-000001.h5"]
+    assert not (tmp_path / "out.h5.lock").exists()
+    with open_features(tmp_path / "out.h5.parts") as reader:
+        expect_images(reader, range(3))
+    with writer(out) as w:
+        assert w.stored_count == 3
+        add_images(w, range(3, 8))
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(8))
+
+
+def _fill_until_too_large(out: Path, result) -> None:
+    """A real failed write: the file size limit makes the kernel refuse it (EFBIG), as a full disk would."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    w = writer(out)
+    add_images(w, range(2))
+    w.commit()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    try:
+        for k in range(2, 200):
+            w.add(*image(k % 8, source=f"big/{k}.jpg"))
+        w.commit()
+        result.put("no error")
+    except StoreError as error:
+        result.put(str(error))
+    open_features(out.with_name("out.h5.parts")).close()  # HDF5 is still healthy after the failure
+    result.put("healthy")
+
+
+def test_real_write_failure_in_child(tmp_path):
+    out = tmp_path / "out.h5"
+    result = FORK.Queue()
+    child = FORK.Process(target=_fill_until_too_large, args=(out, result))
+    child.start()
+    message = result.get(timeout=30)
+    assert result.get(timeout=30) == "healthy"
+    child.join(10)
+    assert child.exitcode == 0
+    assert re.fullmatch(r"cannot write .*seg-000002\.h5: File too large; the 2 images written before are kept; .*", message)
+    assert sorted(p.name for p in (tmp_path / "out.h5.parts").iterdir()) == ["manifest.json", "seg-000001.h5"]
+    with open_features(tmp_path / "out.h5.parts") as reader:
+        expect_images(reader, range(2))
+
+
+def test_interrupted_add_drops_only_the_open_segment(tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    add_images(w, [3])
+    real_append = segment_module._LevelData.append
+
+    def interrupted(self, flat):
+        if self._level == "p3":
+            raise KeyboardInterrupt  # Ctrl-C between two levels of one image
+        return real_append(self, flat)
+
+    monkeypatch.setattr(segment_module._LevelData, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with w:
+            w.add(*image(4))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "out.h5.parts").iterdir()) == ["manifest.json", "seg-000001.h5"]
+    with writer(out) as w:
+        assert w.done_sources == {image(k)[0].source for k in range(3)}
+        add_images(w, range(3, 6))
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(6))
+
+
+# -- merging -----------------------------------------------------------------------------------------------------
+
+
+def test_merge_two_stores(tmp_path):
+    a = _finished(tmp_path / "a.h5", range(3), compression="gzip")
+    with writer(tmp_path / "b.h5", compression="gzip") as w:  # b stays unfinished: merge its parts folder
+        add_images(w, range(3, 6))
+        w.add_failure("img/001.jpg", "failed here, stored in a")
+        w.add_failure("img/009.jpg", "really failed")
+    merged = merge_stores([a, tmp_path / "b.h5.parts"], tmp_path / "merged.h5")
+    assert merged == tmp_path / "merged.h5"
+    with open_features(merged) as reader:
+        expect_images(reader, range(6))
+        assert reader.failures == [("img/009.jpg", "really failed")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5.parts", "merged.h5"]
+
+    with pytest.raises(UsageError, match="already exists"):
+        merge_stores([a], merged)
+    with pytest.raises(StoreError, match=r"'img/000\.jpg' is stored in both"):
+        merge_stores([a, merged], tmp_path / "dup.h5")
+    c = _finished(tmp_path / "c.h5", [7], compression="lzf")
+    with pytest.raises(StoreError, match=r"setting 'compression' is 'lzf' there but 'gzip'"):
+        merge_stores([a, c], tmp_path / "mixed.h5")
+    assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "mixed.h5").exists()
+    merge_stores([merged], merged, overwrite=True)  # the output may be an input: it is replaced atomically
+    with open_features(merged) as reader:
+        expect_images(reader, range(6))
