@@ -64,14 +64,13 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     except Exception as error:  # noqa: BLE001 - one bad image must never stop a run
         reason = (str(error).strip().splitlines() or [""])[0]
         return LoadedImage(image, error=f"{type(error).__name__}: {reason}", decode_s=time.perf_counter() - start)
-    resized_height, resized_width = prepared.tensor.shape[-2:]
     return LoadedImage(
         image,
         pixels=prepared.tensor.numpy(),
         height=decoded.height,
         width=decoded.width,
-        input_height=int(resized_height),
-        input_width=int(resized_width),
+        input_height=prepared.input_height,
+        input_width=prepared.input_width,
         scale=prepared.scale,
         decode_s=decoded_at - start,
         preprocess_s=time.perf_counter() - decoded_at,

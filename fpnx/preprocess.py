@@ -7,8 +7,14 @@ mismatched (RGB vs BGR, 0-1 vs 0-255, mean/std, resize rule).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 PIXEL_ORDERS = ("RGB", "BGR")
 RESIZE_RULES = ("torchvision", "detectron2")
@@ -77,3 +83,131 @@ DETECTRON2 = Preprocessing(
     std=(1.0, 1.0, 1.0),
     resize="detectron2",
 )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying a Preprocessing to one image
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """One image ready for the network, before padding.
+
+    ``tensor`` is float32 ``(3, h, w)``: resized, scaled to ``value_range``, channels in ``pixel_order``,
+    normalised. ``input_height``/``input_width`` are its size, the network input before padding (the names of
+    ``fpnx.open_features(...).info(i)``);
+    ``scale`` is the factor its sides were multiplied by before rounding (see :func:`resized_size`).
+    """
+
+    tensor: torch.Tensor
+    input_height: int
+    input_width: int
+    scale: float
+
+
+def resized_size(height: int, width: int, spec: Preprocessing) -> tuple[int, int, float]:
+    """``(new_height, new_width, scale)`` of an image of ``height x width`` under ``spec.resize``.
+
+    ``scale`` is the factor both sides are multiplied by before rounding, so ``new_side / side`` differs
+    from it by less than ``1 / side`` (rounding) unless a side was raised to the minimum of 1.
+
+    - ``"torchvision"``: ``scale = min(min_size / short_side, max_size / long_side)`` and each side is
+      ``floor(side * scale)``, in Python floats, as ``F.interpolate(scale_factor=scale,
+      recompute_scale_factor=True)`` computes it in ``GeneralizedRCNNTransform``.
+    - ``"detectron2"``: as ``ResizeShortestEdge.get_output_shape``: the short side becomes ``min_size`` and
+      the long one ``side * min_size / short_side``; if the long one exceeds ``max_size`` both are scaled
+      down by ``max_size / long``; each is then rounded half up, ``int(x + 0.5)``. ``scale`` is the product
+      of the two factors.
+
+    No side is ever below 1. This is the one deliberate difference from torchvision, which computes 0
+    for very thin strips (e.g. 1 x 300 with max_size 224) and then fails inside ``F.interpolate``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if spec.resize == "torchvision":
+        scale = min(spec.min_size / min(height, width), spec.max_size / max(height, width))
+        new_height, new_width = math.floor(height * scale), math.floor(width * scale)
+    else:
+        short_side = float(spec.min_size)
+        scale = short_side / min(height, width)
+        if height < width:
+            scaled_height, scaled_width = short_side, scale * width
+        else:
+            scaled_height, scaled_width = scale * height, short_side
+        longest = max(scaled_height, scaled_width)
+        if longest > spec.max_size:
+            cap = spec.max_size / longest
+            scaled_height, scaled_width, scale = scaled_height * cap, scaled_width * cap, scale * cap
+        new_height, new_width = int(scaled_height + 0.5), int(scaled_width + 0.5)
+    return max(1, new_height), max(1, new_width), scale
+
+
+def padded_size(height: int, width: int, divisibility: int) -> tuple[int, int]:
+    """``height`` and ``width`` rounded up to multiples of ``divisibility`` (0 or 1: unchanged)."""
+    if divisibility < 0:
+        raise ValueError(f"divisibility must be >= 0, got {divisibility}")
+    if divisibility <= 1:
+        return height, width
+    return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
+
+
+def prepare_image(rgb: np.ndarray, spec: Preprocessing) -> PreparedImage:
+    """Resize and normalise an ``(H, W, 3)`` uint8 RGB image as ``spec`` says; no padding.
+
+    - ``"torchvision"`` (as ``GeneralizedRCNNTransform``, bit for bit): pixels to float32 divided by
+      ``255 / value_range`` (for 1.0 exactly ``to_tensor``'s ``/ 255``), channels in ``pixel_order``,
+      ``(x - mean) / std``, then bilinear ``F.interpolate`` (align_corners=False) on the normalised image.
+    - ``"detectron2"`` (as ``ResizeTransform`` on uint8 + ``GeneralizedRCNN.preprocess_image``): PIL bilinear
+      resize of the uint8 image, then float32, divided by ``255 / value_range`` (for 255: unchanged),
+      channels in ``pixel_order``, ``(x - mean) / std``.
+
+    The resize is skipped when the size does not change. Runs without autograd and sets no global state.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
+    height, width = rgb.shape[:2]
+    new_height, new_width, scale = resized_size(height, width, spec)
+    resize = (new_height, new_width) != (height, width)
+    with torch.no_grad():
+        if spec.resize == "torchvision":
+            tensor = _normalised(rgb, spec)
+            if resize:
+                tensor = F.interpolate(
+                    tensor[None], size=(new_height, new_width), mode="bilinear", align_corners=False
+                )[0]
+        else:
+            if resize:
+                resample = Image.Resampling.BILINEAR
+                rgb = np.asarray(Image.fromarray(rgb).resize((new_width, new_height), resample))
+            tensor = _normalised(rgb, spec)
+    return PreparedImage(tensor=tensor, input_height=new_height, input_width=new_width, scale=scale)
+
+
+def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad a ``(3, h, w)`` tensor at the bottom and right to ``(3, height, width)``.
+
+    Zero is the normalised value the network sees as padding (both frameworks pad after normalising).
+    Returns ``tensor`` itself when no padding is needed.
+    """
+    _, current_height, current_width = tensor.shape
+    if height < current_height or width < current_width:
+        raise ValueError(f"cannot pad {current_height}x{current_width} to the smaller {height}x{width}")
+    if (height, width) == (current_height, current_width):
+        return tensor
+    return F.pad(tensor, (0, width - current_width, 0, height - current_height))
+
+
+def _normalised(rgb: np.ndarray, spec: Preprocessing) -> torch.Tensor:
+    """``(x * value_range / 255 - mean) / std`` as float32 ``(3, H, W)`` in ``spec.pixel_order``."""
+    channels = rgb.transpose(2, 0, 1)  # a view
+    if spec.pixel_order == "BGR":
+        channels = channels[::-1]  # still a view
+    # One copy does the dtype change, the channel order and the layout, and owns writable memory (a
+    # read-only input such as np.asarray(PIL image) would make torch.from_numpy warn).
+    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
+    divisor = 255.0 / spec.value_range
+    if divisor != 1.0:
+        tensor.div_(divisor)
+    mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
+    return tensor.sub_(mean).div_(std)

@@ -1,0 +1,527 @@
+"""Find image files and decode them into RGB uint8 arrays, the same way every time.
+
+Two jobs, both defensive because image folders are full of surprises:
+
+- :func:`discover` turns command-line inputs (files, folders, ``@list.txt``) into a deterministic list of
+  :class:`ImageSource`, each with the name its features are stored under.
+- :func:`decode_image` opens one file with Pillow, restricted to :data:`ALLOWED_FORMATS`, refuses what is
+  unsafe or broken with a one-line :class:`~fpnx.errors.ImageError`, applies EXIF orientation and converts
+  every Pillow mode to ``(H, W, 3)`` uint8 RGB by the documented rules. It is a plain module-level function
+  with picklable arguments and result, so it can run in worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+
+from fpnx.errors import ImageError, UsageError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
+)  # fmt: skip
+"""File extensions (lower-case; matched case-insensitively) that :func:`discover` treats as images.
+
+``.ppm/.pgm/.pbm`` are included: Pillow reads binary 8/16-bit files with its C raw decoder and the plain
+(text) and odd-maxval variants with small bounds-checked Python decoders (slow on huge files, not unsafe)."""
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+"""Pillow format names decoding is restricted to. The content decides the format, the extension does not,
+so a ``.jpg`` that is really a PNG decodes, while a ``.jpg`` that is really EPS, PSD, ICO... is refused.
+Multi-picture JPEGs from cameras are opened by the JPEG plugin but report ``format == "MPO"``."""
+
+# 2 x Pillow's default Image.MAX_IMAGE_PIXELS (89,478,485): the size at which Pillow itself refuses to open.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to process.
+
+    ``path`` is what to open (an ``os.fsdecode`` string, so non-UTF-8 bytes survive as surrogate escapes).
+    ``source`` is the name recorded in the output: relative to the folder the file was found in, with ``/``
+    separators; a file given directly keeps exactly the text given; a ``@list.txt`` entry keeps its text
+    as written in the list.
+    """
+
+    path: str
+    source: str
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover` found: the images in order, and ``(path, reason)`` for each path passed over.
+
+    Paths are ``os.fsdecode`` strings and may hold surrogate escapes; show them with :func:`display_path`.
+    """
+
+    images: list[ImageSource] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """A decoded image: ``rgb`` is ``(height, width, 3)`` uint8, C-contiguous and writable.
+
+    ``height``/``width`` are after EXIF orientation; ``mode`` is the Pillow mode of the decoded first frame
+    before conversion (e.g. ``"I;16"``, ``"P"``), ``format`` the Pillow format name (e.g. ``"JPEG"``).
+    """
+
+    rgb: np.ndarray
+    height: int
+    width: int
+    mode: str
+    format: str
+
+
+def display_path(path: str) -> str:
+    """``path`` made safe for a one-line message: undecodable bytes and control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover(inputs: Sequence[str | bytes | os.PathLike[Any]]) -> Discovery:
+    """Expand files, folders and ``@list.txt`` inputs into images, in a deterministic order.
+
+    - A **file** is used as given (even if hidden); it must have an extension in :data:`IMAGE_EXTENSIONS`,
+      else :class:`UsageError`. Its ``source`` is exactly the text given.
+    - A **folder** is walked recursively, following symbolic links to folders. A folder is walked at most
+      once (tracked by its real identity), so link loops end and two links to one folder do not duplicate
+      it. Its images come sorted by the bytes of their path relative to the folder, which is also their
+      ``source`` (``/``-separated).
+    - ``@list.txt`` (a ``str`` input starting with ``@``) reads one path per line; blank lines and lines
+      starting with ``#`` are ignored, surrounding whitespace is stripped, relative paths are relative to
+      the list's folder. Each entry is a file or folder as above (lists do not nest); ``source`` is the
+      entry as written. Write ``./@name`` for a real file whose name starts with ``@``.
+
+    Inputs may be mixed; results keep the input order. Every real file (same device and inode, so also
+    hard links) is listed at most once: the first time it is reached.
+
+    Passed over and reported in ``skipped`` as ``(path, reason)``: inside folders, hidden files and
+    folders (name starting with ``.``; a hidden folder is not entered), AppleDouble ``._*`` files (macOS
+    metadata, not images), files without an image extension, non-regular files (pipes, sockets, devices),
+    broken symbolic links and unreadable folders; anywhere, a folder already walked and a second path to a
+    file already listed.
+
+    Raises :class:`UsageError` (one line naming the path) for a missing input or list entry, a missing or
+    unreadable list, a file given directly without an image extension, and two different files that would
+    be stored under the same ``source``. A folder without images is not an error.
+    """
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        raise TypeError("discover() takes a sequence of inputs, not a single path")
+    collector = _Collector()
+    for item in inputs:
+        if isinstance(item, str) and item.startswith("@"):
+            collector.add_list(item[1:])
+        else:
+            text = os.fsdecode(item)
+            collector.add_input(text, source=text, where="")
+    collector.check_unique_sources()
+    return Discovery(images=collector.images, skipped=collector.skipped)
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _file_key(path: str, info: os.stat_result) -> tuple[Any, ...]:
+    # Device + inode names a real file without resolving every path component; some filesystems report
+    # inode 0 for everything, and there the resolved path has to do.
+    if info.st_ino:
+        return (info.st_dev, info.st_ino)
+    return ("realpath", os.path.realpath(path))
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+class _Collector:
+    """Accumulates images and skips across all inputs, remembering what was already seen."""
+
+    def __init__(self) -> None:
+        self.images: list[ImageSource] = []
+        self.skipped: list[tuple[str, str]] = []
+        self._source_of_file: dict[tuple[Any, ...], str] = {}
+        self._walked_folders: set[tuple[Any, ...]] = set()
+
+    def add_list(self, list_path: str) -> None:
+        try:
+            with open(list_path, "rb") as list_file:
+                content = list_file.read()
+        except FileNotFoundError:
+            raise UsageError(f"{display_path(list_path)}: no such file or directory") from None
+        except OSError as error:
+            reason = _lower_first(error.strerror or str(error))
+            raise UsageError(f"{display_path(list_path)}: cannot read list of images: {reason}") from None
+        content = content.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark from Windows editors
+        base = os.path.dirname(list_path)
+        for number, raw_line in enumerate(content.split(b"\n"), start=1):
+            entry = os.fsdecode(raw_line.strip())
+            if not entry or entry.startswith("#"):
+                continue
+            where = f" (line {number} of {display_path(list_path)})"
+            self.add_input(os.path.join(base, entry), source=entry, where=where)
+
+    def add_input(self, path: str, *, source: str, where: str) -> None:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise UsageError(f"{display_path(path)}: no such file or directory{where}") from None
+        except OSError as error:
+            reason = _lower_first(error.strerror or str(error))
+            raise UsageError(f"{display_path(path)}: {reason}{where}") from None
+        if stat.S_ISDIR(info.st_mode):
+            self._walk(path, info)
+        elif not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{display_path(path)}: not a regular file or folder{where}")
+        elif not _has_image_extension(path):
+            expected = " ".join(IMAGE_EXTENSIONS)
+            raise UsageError(f"{display_path(path)}: not an image file (extension not one of {expected}){where}")
+        else:
+            self._add_file(path, source, info)
+
+    def _add_file(self, path: str, source: str, info: os.stat_result) -> None:
+        key = _file_key(path, info)
+        first_source = self._source_of_file.get(key)
+        if first_source is not None:
+            self.skipped.append((path, f"same file as {display_path(first_source)}"))
+            return
+        self._source_of_file[key] = source
+        self.images.append(ImageSource(path=path, source=source))
+
+    def _walk(self, root: str, root_info: os.stat_result) -> None:
+        root_key = _file_key(root, root_info)
+        if root_key in self._walked_folders:
+            self.skipped.append((root, "folder already walked"))
+            return
+        self._walked_folders.add(root_key)
+        found: list[tuple[str, str, os.stat_result]] = []
+        pending = [(root, "")]  # (folder path, its source prefix); an explicit stack: trees can be deep
+        while pending:
+            folder, prefix = pending.pop()
+            subfolders = self._scan_folder(folder, prefix, found)
+            pending.extend(reversed(subfolders))  # depth first, in sorted order
+        found.sort(key=lambda item: os.fsencode(item[1]))
+        for path, source, info in found:
+            self._add_file(path, source, info)
+
+    def _scan_folder(
+        self, folder: str, prefix: str, found: list[tuple[str, str, os.stat_result]]
+    ) -> list[tuple[str, str]]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
+        except OSError as error:
+            self.skipped.append((folder, f"cannot read folder: {_lower_first(error.strerror or str(error))}"))
+            return []
+        subfolders: list[tuple[str, str]] = []
+        for entry in entries:
+            name, path = entry.name, entry.path
+            if name.startswith("._"):
+                self.skipped.append((path, "AppleDouble metadata file (macOS), not an image"))
+                continue
+            if name.startswith("."):
+                self.skipped.append((path, "hidden"))
+                continue
+            try:
+                info = entry.stat()  # follows symbolic links
+            except OSError as error:
+                reason = "broken symbolic link" if entry.is_symlink() else _lower_first(error.strerror or str(error))
+                self.skipped.append((path, reason))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = _file_key(path, info)
+                if key in self._walked_folders:
+                    self.skipped.append((path, "folder already walked (symbolic link loop or second link)"))
+                else:
+                    self._walked_folders.add(key)
+                    subfolders.append((path, prefix + name + "/"))
+            elif not stat.S_ISREG(info.st_mode):
+                self.skipped.append((path, "not a regular file"))
+            elif not _has_image_extension(name):
+                self.skipped.append((path, "not an image file extension"))
+            else:
+                found.append((path, prefix + name, info))
+        return subfolders
+
+    def check_unique_sources(self) -> None:
+        path_of_source: dict[str, str] = {}
+        for image in self.images:
+            other = path_of_source.setdefault(image.source, image.path)
+            if other != image.path:
+                raise UsageError(
+                    f"two different files would both be stored as {display_path(image.source)}: "
+                    f"{display_path(other)} and {display_path(image.path)}; rename one or give their common folder"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+
+# Exception types Pillow's parsers and decoders raise on hostile or broken data (its own open() swallows the
+# same kinds while probing formats). Caught around Pillow calls only, so our own bugs are not disguised.
+_PILLOW_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+    OverflowError, MemoryError, struct.error,
+)  # fmt: skip
+
+# EXIF Orientation -> the transposition that displays the image upright (the table ImageOps.exif_transpose
+# uses; tests check both agree).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# round(v * 255 / 65535) for every 16-bit v, in exact integer arithmetic (v / 257 is never a tie).
+_SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.uint32) * 510 + 65535) // 131070).astype(np.uint8)
+
+# Pillow reduces 16-bit-per-channel colour (PNG, TIFF) to 8 bits while decoding, keeping the high byte of
+# each sample. Decoding once more with the opposite byte order yields the low bytes, so the full 16-bit
+# value can be scaled like 16-bit grey. These are the raw modes where Pillow has both unpackers.
+_SIXTEEN_BIT_COLOUR_BASES = ("RGB", "RGBA", "RGBX")
+_LOW_BYTE_SUFFIX = {";16B": ";16L", ";16L": ";16B", ";16N": ";16B" if sys.byteorder == "little" else ";16L"}
+
+
+def decode_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_truncated: bool = False) -> DecodedImage:
+    """Decode the first frame of an image file into ``(H, W, 3)`` uint8 RGB.
+
+    Only :data:`ALLOWED_FORMATS` are tried. ``max_pixels`` is checked on the header's size before any
+    pixel is decoded; it replaces Pillow's own decompression-bomb limit for this call (no
+    ``DecompressionBombWarning``/``Error`` escapes). Truncated data is an error unless ``allow_truncated``,
+    which decodes what is there (Pillow fills the rest).
+
+    Conversion rules, the same for every file:
+
+    - EXIF orientation is applied (the same transposition as ``ImageOps.exif_transpose``); unreadable or
+      nonsensical EXIF means no rotation, never a failure. ``height``/``width`` are after orientation.
+      Colour profiles (ICC) are ignored, as torchvision and detectron2 loaders do.
+    - Animated or multi-page files (GIF, APNG, WebP, TIFF, MPO) use their first frame.
+    - ``RGB`` is used as is. ``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` go through Pillow's
+      ``convert("RGB")``.
+    - Alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``P``/``L``/``RGB`` with a transparency key) is dropped
+      exactly as ``convert("RGB")`` does: colour values are kept, nothing is blended with a background.
+      This is what torchvision users get from ``Image.open(p).convert("RGB")``.
+    - 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, and ``I`` as Pillow gives 16-bit PNG/PGM) is scaled,
+      not clipped or shifted: ``round(v * 255 / 65535)``, then copied to the 3 channels. ``I`` is always
+      read as 16-bit data: 32-bit values outside 0..65535 are first clipped to that range.
+    - 16-bit-per-channel RGB/RGBA PNG and TIFF are scaled the same way per channel (Pillow would keep
+      only the high byte, ``v >> 8``). Rarer 16-bit layouts (grey+alpha PNG, CMYK, premultiplied
+      alpha, planar TIFF) keep Pillow's high-byte reduction.
+    - ``F`` (32-bit float) is taken as 0..255 data: clipped to 0..255, rounded half to even, NaN as 0.
+
+    Raises :class:`ImageError` with a one-line reason (no path: the caller prefixes the source) for an
+    unreadable, empty or non-regular file, a format that is not allowed, an image over ``max_pixels`` or
+    without pixels, truncated data and anything else Pillow cannot decode.
+
+    Pillow's ``MAX_IMAGE_PIXELS`` and ``LOAD_TRUNCATED_IMAGES`` and the warning filters are process-wide;
+    they are set for the duration of the call and restored, so run concurrent decodes in processes (as
+    fpnx does), not threads.
+    """
+    path = os.fsdecode(path)  # a Path or bytes works too
+    with _open_regular_file(path) as file, _pillow_settings(allow_truncated):
+        try:
+            frame = _load_first_frame(file, max_pixels)
+        except UnidentifiedImageError:
+            raise ImageError(f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})") from None
+        except Image.DecompressionBombError as error:  # only if Pillow's limit is changed mid-call
+            raise ImageError(_one_line(str(error), path)) from error
+        except _PILLOW_DECODE_ERRORS as error:
+            raise ImageError(_decode_reason(error, path)) from error
+    if frame.low_bytes is not None:
+        rgb = _scale_16_bit_colour(frame.image, frame.low_bytes)
+    else:
+        rgb = _rgb_array(frame.image)
+    return DecodedImage(rgb=rgb, height=rgb.shape[0], width=rgb.shape[1], mode=frame.mode, format=frame.format)
+
+
+class _Frame(NamedTuple):
+    image: Image.Image  # loaded and upright
+    low_bytes: Image.Image | None  # for 16-bit colour: the low byte of each sample, upright too
+    mode: str
+    format: str
+
+
+def _load_first_frame(file: BinaryIO, max_pixels: int) -> _Frame:
+    """Open, check the size, decode the pixels and orient them. Only Pillow work happens here."""
+    image = Image.open(file, formats=ALLOWED_FORMATS)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}"
+        )
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    tiles = list(image.tile)  # the decoding plan; load() empties it
+    image.load()
+    image_format = image.format or "unknown"
+    orientation = _exif_orientation(image)  # before the file is read again below
+    low_bytes = _low_bytes_image(file, image_format, tiles) if _is_16_bit_colour(tiles) else None
+    return _Frame(
+        image=_oriented(image, orientation),
+        low_bytes=None if low_bytes is None else _oriented(low_bytes, orientation),
+        mode=image.mode,
+        format=image_format,
+    )
+
+
+def _open_regular_file(path: str) -> BinaryIO:
+    """Open ``path`` for reading, refusing what is not a non-empty regular file."""
+    # O_NONBLOCK: opening a named pipe must not hang waiting for a writer (no effect on regular files).
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        raise ImageError(f"cannot open file: {_lower_first(error.strerror or str(error))}") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not a regular file")
+        if info.st_size == 0:
+            raise ImageError("empty file")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+@contextmanager
+def _pillow_settings(allow_truncated: bool) -> Iterator[None]:
+    """Set Pillow's process-wide decoding switches for one call, and put them back."""
+    saved_truncated, saved_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        # Broken files make Pillow warn (corrupt EXIF, odd chunks); here they become an ImageError or decode
+        # fine, and thousands of warnings from workers would only bury the report.
+        warnings.simplefilter("ignore")
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+        Image.MAX_IMAGE_PIXELS = None  # decode_image checks max_pixels itself, right after the header
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
+            Image.MAX_IMAGE_PIXELS = saved_limit
+
+
+def _one_line(text: str, path: str) -> str:
+    if path:
+        text = text.replace(path, "<file>")
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _decode_reason(error: BaseException, path: str) -> str:
+    text = _one_line(str(error), path)
+    lowered = text.lower()
+    if "truncated" in lowered or "not enough image data" in lowered:
+        return f"truncated image data ({text})"
+    if isinstance(error, MemoryError):
+        return "not enough memory to decode the image"
+    return f"cannot decode image: {text or type(error).__name__}"
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation (2..8) that needs a transposition, or 1 when absent, invalid or unreadable."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # Pillow's EXIF parser fails in many ways on hostile data; rotation is not worth a failure
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
+
+
+def _oriented(image: Image.Image, orientation: int) -> Image.Image:
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """Apply the mode rules of :func:`decode_image` to a loaded image."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.array(image)  # a writable copy; np.asarray would be read-only
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.dtype != np.uint16:
+            values = np.clip(values, 0, 65535).astype(np.uint16)
+        return _grey_to_rgb(_SIXTEEN_TO_EIGHT_BITS[values])
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=255.0, neginf=0.0)
+        return _grey_to_rgb(np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8))
+    # The transparency key only feeds the converted image's metadata, never its pixels; without it
+    # convert() also skips its "transparency expressed in bytes" warning.
+    image.info.pop("transparency", None)
+    try:
+        converted = image.convert("RGB")
+    except ValueError:
+        raise ImageError(f"unsupported image mode {mode}") from None
+    return np.array(converted)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+
+
+def _tile_rawmode(tile: Any) -> str | None:
+    args = tile[3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _low_byte_rawmode(rawmode: str | None) -> str | None:
+    if rawmode is None:
+        return None
+    base, suffix = rawmode[:-4], rawmode[-4:]
+    if base not in _SIXTEEN_BIT_COLOUR_BASES or suffix not in _LOW_BYTE_SUFFIX:
+        return None
+    return base + _LOW_BYTE_SUFFIX[suffix]
+
+
+def _is_16_bit_colour(tiles: list[Any]) -> bool:
+    return bool(tiles) and all(_low_byte_rawmode(_tile_rawmode(tile)) for tile in tiles)
+
+
+def _with_rawmode(tile: Any, rawmode: str) -> Any:
+    args = tile[3]
+    new_args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+    if hasattr(tile, "_replace"):  # Pillow >= 11 tiles are named tuples
+        return tile._replace(args=new_args)
+    return (*tile[:3], new_args)
+
+
+def _low_bytes_image(file: BinaryIO, image_format: str, tiles: list[Any]) -> Image.Image | None:
+    """Decode ``file`` again keeping the low byte of each 16-bit sample; None if the plan does not match."""
+    low = Image.open(file, formats=(image_format,))
+    if [tuple(tile[:3]) for tile in low.tile] != [tuple(tile[:3]) for tile in tiles]:
+        return None
+    low.tile = [_with_rawmode(tile, _low_byte_rawmode(_tile_rawmode(tile)) or "") for tile in tiles]
+    low.load()
+    return low
+
+
+def _scale_16_bit_colour(high: Image.Image, low: Image.Image) -> np.ndarray:
+    high_bytes = np.asarray(high)[:, :, :3].astype(np.uint16)
+    values = (high_bytes << 8) | np.asarray(low)[:, :, :3]
+    return _SIXTEEN_TO_EIGHT_BITS[values]
