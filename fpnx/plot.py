@@ -1,0 +1,307 @@
+"""``plot_features()``: one image's input beside each level's mean activation, and each level's histogram, as a PNG.
+
+Drawn with Pillow (already a dependency): the figure is a grid of simple panels (an image, colour maps and bar
+histograms), so a plotting library would add a large dependency for little. The layout is returned as data
+(:class:`PlotResult`), so callers and tests know where each panel is.
+
+Layout: the first row holds the input image and, per level, the mean over channels of the stored map as a
+viridis colour map (scaled to that map's own min..max, shown under it) titled with its H x W; the second row
+holds, per level, a histogram of all that image's values at the level (64 bins over min..max, bar height on a
+log scale), and a text panel with the source, sizes and weights under the input.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import FpnxError, UsageError
+from .images import decode_image, display_path
+from .inspect import select_image
+from .store import open_features
+
+PANEL_WIDTH = 240
+MIN_PANEL_HEIGHT = 96
+MAX_PANEL_HEIGHT = 320
+HISTOGRAM_HEIGHT = 150
+HISTOGRAM_BINS = 64
+TITLE_HEIGHT = 22
+SCALE_HEIGHT = 30  # colour bar and its min/max under each map
+MARGIN = 12
+BACKGROUND = (255, 255, 255)
+INK = (30, 30, 30)
+MISSING = (225, 225, 225)
+BAR = (49, 104, 142)
+
+# viridis at 0, 1/8, ..., 1; interpolated to 256 entries
+_VIRIDIS_ANCHORS = np.array([
+    (68, 1, 84), (72, 40, 120), (62, 73, 137), (49, 104, 142), (38, 130, 142),
+    (31, 158, 137), (53, 183, 121), (110, 206, 88), (253, 231, 37),
+], dtype=np.float64)
+_positions = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
+VIRIDIS = np.stack([np.interp(np.linspace(0.0, 1.0, 256), _positions, _VIRIDIS_ANCHORS[:, c]) for c in range(3)],
+                   axis=1).round().astype(np.uint8)
+
+# Options of `fpnx extract` that take a value: skipped when looking for the inputs in a recorded command.
+_VALUE_OPTIONS = {
+    "--out", "-o", "--weights", "--depth", "--bn-eps", "--levels", "--batch-size", "--device", "--precision",
+    "--workers", "--min-size", "--max-size", "--pixel-order", "--dtype", "--compression", "--max-pixels",
+}
+
+
+@dataclass
+class Panel:
+    name: str  # "input", "info", "<level>" (colour map) or "<level> histogram"
+    kind: str  # image, info, map, histogram
+    box: tuple[int, int, int, int]  # left, top, right, bottom (exclusive) in the PNG
+    title: str
+
+
+@dataclass
+class PlotResult:
+    out: str
+    width: int
+    height: int
+    index: int
+    source: str
+    image_path: str | None  # the input image file drawn, None when it was not found
+    panels: list[Panel] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def colormap(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(H, W) floats -> (H, W, 3) uint8 viridis scaled to the finite min..max; returns (rgb, min, max)."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.full((*values.shape, 3), MISSING, np.uint8), float("nan"), float("nan")
+    low, high = float(values[finite].min()), float(values[finite].max())
+    scaled = np.where(finite, values, low)
+    scaled = (scaled - low) / (high - low) if high > low else np.full(values.shape, 0.5)
+    return VIRIDIS[np.clip((scaled * 255).round(), 0, 255).astype(np.int64)], low, high
+
+
+def find_image(source: str, feature_path: Path, metadata: dict[str, Any], image_root: str | os.PathLike | None = None) -> Path | None:
+    """The image file ``source`` was extracted from, or None.
+
+    With ``image_root``: ``image_root/source`` only. Otherwise tried in turn: ``source`` as given (relative
+    to the current folder), relative to the feature file's folder, and inside each folder named as an input
+    in the recorded ``command`` (relative to the current folder and to the feature file's folder).
+    """
+    if image_root is not None:
+        candidates = [Path(image_root) / source]
+    else:
+        here = feature_path.resolve().parent  # a .parts folder sits beside its output, like the file
+        candidates = [Path(source), here / source]
+        for folder in _command_inputs(metadata.get("command")):
+            candidates += [Path(folder) / source, here / folder / source]
+    for candidate in candidates:
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _command_inputs(command: Any) -> list[str]:
+    if not isinstance(command, str):
+        return []
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return []
+    if "extract" in words:
+        words = words[words.index("extract") + 1 :]
+    inputs, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in _VALUE_OPTIONS
+        elif not word.startswith("@"):
+            inputs.append(word)
+    return inputs
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _number(value: float) -> str:
+    return "nan" if value != value else f"{value:.3g}"
+
+
+def plot_features(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    image: int | str | None = None,
+    image_root: str | os.PathLike | None = None,
+) -> PlotResult:
+    """Draw image ``image`` (position or source; default the first) of the feature file at ``path`` into ``out``.
+
+    The input image is looked up with :func:`find_image`; when it cannot be found (or decoded) its panel
+    says so instead of failing.
+    """
+    path, out = Path(path), Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--plot writes a PNG: give a file name ending in .png, not {out.name!r}")
+    with open_features(path) as reader:
+        if len(reader) == 0:
+            raise UsageError(f"{path} holds no images to plot")
+        index = select_image(reader, image if image is not None else 0)
+        info = reader.info(index)
+        arrays = reader[index]
+        levels = reader.levels
+        metadata = reader.metadata
+        dtype = reader.dtype
+    image_path = find_image(info["source"], path, metadata, image_root)
+    picture, missing_reason = None, "image not found"
+    if image_path is not None:
+        try:
+            picture = Image.fromarray(decode_image(os.fspath(image_path)).rgb)
+        except FpnxError as error:
+            picture, missing_reason, image_path = None, f"cannot decode: {error}", None
+
+    aspect = info["input_height"] / info["input_width"]
+    map_height = int(min(MAX_PANEL_HEIGHT, max(MIN_PANEL_HEIGHT, round(PANEL_WIDTH * aspect))))
+    columns = 1 + len(levels)
+    width = MARGIN + columns * (PANEL_WIDTH + MARGIN)
+    row1_top = MARGIN + TITLE_HEIGHT
+    row2_top = row1_top + map_height + SCALE_HEIGHT + MARGIN + TITLE_HEIGHT
+    height = row2_top + HISTOGRAM_HEIGHT + 2 * TITLE_HEIGHT
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font, small = _font(14), _font(11)
+    panels: list[Panel] = []
+
+    def title(left: int, top: int, text: str, face=font) -> None:
+        draw.text((left, top - TITLE_HEIGHT + 3), _fit_text(draw, text, face, PANEL_WIDTH), fill=INK, font=face)
+
+    # the input image
+    left = MARGIN
+    box = (left, row1_top, left + PANEL_WIDTH, row1_top + map_height)
+    input_title = f"input {info['height']}x{info['width']} -> {info['input_height']}x{info['input_width']}"
+    title(left, row1_top, input_title)
+    if picture is not None:
+        fit = min(PANEL_WIDTH / picture.width, map_height / picture.height)
+        fitted = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))),
+                                Image.Resampling.BILINEAR, reducing_gap=3.0)
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING)
+        canvas.paste(fitted, (left + (PANEL_WIDTH - fitted.width) // 2, row1_top + (map_height - fitted.height) // 2))
+    else:
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING, outline=INK)
+        draw.text((left + 8, row1_top + map_height // 2 - 16), _fit_text(draw, missing_reason, font, PANEL_WIDTH - 16),
+                  fill=INK, font=font)
+        draw.text((left + 8, row1_top + map_height // 2 + 4),
+                  _fit_text(draw, display_path(info["source"]), small, PANEL_WIDTH - 16),
+                  fill=INK, font=small)
+    panels.append(Panel("input", "image", box, input_title))
+
+    # under it: what is plotted
+    info_top = row2_top
+    weights = metadata.get("weights", {}) or {}
+    lines = [
+        f"image {index}: {display_path(info['source'])}",
+        f"original {info['height']}x{info['width']}, input {info['input_height']}x{info['input_width']}",
+        f"weights {weights.get('name', '?')}{'' if weights.get('trained', True) else ' (untrained)'}",
+        f"stored {dtype}",
+        "maps: mean over channels,",
+        "viridis from min to max",
+        "histograms: all values, log count",
+    ]
+    for k, line in enumerate(lines):
+        draw.text((MARGIN, info_top + k * 17), _fit_text(draw, line, small, PANEL_WIDTH), fill=INK, font=small)
+    panels.append(Panel("info", "info", (MARGIN, info_top, MARGIN + PANEL_WIDTH, info_top + HISTOGRAM_HEIGHT),
+                        "info"))
+
+    for column, level in enumerate(levels, start=1):
+        left = MARGIN + column * (PANEL_WIDTH + MARGIN)
+        array = np.asarray(arrays[level], dtype=np.float64)
+        channels, map_h, map_w = array.shape
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(array)
+            mean_map = np.where(finite, array, 0.0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1)
+            mean_map[finite.sum(axis=0) == 0] = np.nan
+        rgb, low, high = colormap(mean_map)
+        text = f"{level}  {map_h}x{map_w}  (mean of {channels})"
+        title(left, row1_top, text)
+        box = (left, row1_top, left + PANEL_WIDTH, row1_top + map_height)
+        canvas.paste(Image.fromarray(rgb).resize((PANEL_WIDTH, map_height), Image.Resampling.NEAREST), box[:2])
+        panels.append(Panel(level, "map", box, text))
+        # colour bar with the map's range
+        bar_top = box[3] + 4
+        strip = np.broadcast_to(VIRIDIS[np.linspace(0, 255, PANEL_WIDTH).astype(np.int64)], (8, PANEL_WIDTH, 3))
+        canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (left, bar_top))
+        draw.text((left, bar_top + 10), _number(low), fill=INK, font=small)
+        high_text = _number(high)
+        draw.text((left + PANEL_WIDTH - draw.textlength(high_text, font=small), bar_top + 10), high_text, fill=INK,
+                  font=small)
+
+        # histogram of every value of the level
+        box = (left, row2_top, left + PANEL_WIDTH, row2_top + HISTOGRAM_HEIGHT)
+        values = array[finite]
+        text = f"{level} values ({values.size} finite)"
+        title(left, row2_top, text)
+        _histogram(draw, box, values, small)
+        panels.append(Panel(f"{level} histogram", "histogram", box, text))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        canvas.save(out, format="PNG")
+    except OSError as error:
+        raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
+    return PlotResult(
+        out=str(out), width=width, height=height, index=index, source=info["source"],
+        image_path=str(image_path) if image_path is not None else None, panels=panels,
+    )
+
+
+def _histogram(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], values: np.ndarray, font) -> None:
+    left, top, right, bottom = box
+    plot_bottom = bottom - 16  # room for the range labels
+    draw.line([(left, plot_bottom), (right - 1, plot_bottom)], fill=INK)
+    draw.line([(left, top), (left, plot_bottom)], fill=INK)
+    if values.size == 0:
+        draw.text((left + 8, top + 8), "no finite values", fill=INK, font=font)
+        return
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1.0
+    counts, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high))
+    scale = np.log1p(counts) / np.log1p(counts.max())
+    bar_width = (right - left - 2) / HISTOGRAM_BINS
+    for k, fraction in enumerate(scale):
+        if counts[k] == 0:
+            continue
+        x0 = left + 1 + k * bar_width
+        height = max(1, round(fraction * (plot_bottom - top - 2)))
+        draw.rectangle([round(x0), plot_bottom - height, max(round(x0), round(x0 + bar_width) - 1), plot_bottom - 1],
+                       fill=BAR)
+    if low < 0 < high:  # mark zero
+        x = left + 1 + (0 - low) / (high - low) * (right - left - 2)
+        draw.line([(round(x), top), (round(x), plot_bottom)], fill=(200, 60, 60))
+    draw.text((left, plot_bottom + 2), _number(low), fill=INK, font=font)
+    text = _number(float(values.max()))
+    draw.text((right - draw.textlength(text, font=font), plot_bottom + 2), text, fill=INK, font=font)
