@@ -22,6 +22,7 @@ import numpy as np
 from .errors import StoreError, UsageError
 from .images import display_path
 from .store import open_features
+from .report import LevelReport, level_reports
 from .store.inputs import describe_input
 from .store.reader import FeatureReader
 from .store.storefile import open_store_file
@@ -30,20 +31,6 @@ from .store.storefile import open_store_file
 STATS_CHUNK = 1 << 20
 # At most this many links are listed (a count of the rest follows).
 MAX_LINKS = 50
-
-
-@dataclass
-class LevelInfo:
-    """One level over all selected images: map sizes (H x W) and bytes of the stored arrays."""
-
-    name: str
-    stride: int
-    channels: int
-    min_hw: tuple[int, int]
-    median_hw: tuple[int, int]
-    max_hw: tuple[int, int]
-    bytes: int  # C * H * W * itemsize summed over the images: the arrays as read
-    stored_bytes: int | None  # what the level's block datasets take in the file (after compression)
 
 
 @dataclass
@@ -96,7 +83,7 @@ class Inspection:
     precision: str | None
     dtype: str
     compression: str
-    levels: list[LevelInfo]
+    levels: list[LevelReport]
     size_on_disk: int
     files: int  # HDF5 files holding the images: 1 for a finished file, the committed segments of a .parts folder
     created: str | None
@@ -210,21 +197,13 @@ def _image_info(reader: FeatureReader, i: int) -> ImageInfo:
                      info["scale"])
 
 
-def _levels(reader: FeatureReader, infos: list[dict[str, Any]], files: list[Path]) -> list[LevelInfo]:
-    itemsize = np.dtype(reader.dtype).itemsize
+def _levels(reader: FeatureReader, infos: list[dict[str, Any]], files: list[Path]) -> list[LevelReport]:
+    sizes = [(info["input_height"], info["input_width"]) for info in infos]
+    reports = level_reports(sizes, reader.strides, reader.channels, np.dtype(reader.dtype).itemsize)
     stored = _stored_bytes(files, reader.levels)
-    result = []
-    for name in reader.levels:
-        stride, channels = reader.strides[name], reader.channels[name]
-        maps = [(math.ceil(info["input_height"] / stride), math.ceil(info["input_width"] / stride)) for info in infos]
-        ordered = sorted(maps, key=lambda hw: (hw[0] * hw[1], hw)) or [(0, 0)]
-        result.append(LevelInfo(
-            name=name, stride=stride, channels=channels,
-            min_hw=ordered[0], median_hw=ordered[len(ordered) // 2], max_hw=ordered[-1],
-            bytes=sum(h * w for h, w in maps) * channels * itemsize,
-            stored_bytes=stored.get(name),
-        ))
-    return result
+    for report in reports:
+        report.stored_bytes = stored.get(report.name)
+    return reports
 
 
 def _stored_bytes(files: list[Path], levels: list[str]) -> dict[str, int]:
