@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import FpnxError, ImageError, StoreError, UsageError, WeightsError
 from .models import FeatureInfo, build_model
+from .distributed import merge_shards
 from .pipeline import ExtractSummary, extract
 from .preprocess import Preprocessing
 from .store import open_features
@@ -24,5 +25,6 @@ __all__ = [
     "extract",
     "get_weights",
     "list_weights",
+    "merge_shards",
     "open_features",
 ]

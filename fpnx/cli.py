@@ -10,11 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import FpnxError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_PIXELS, display_path
 from .weights import DEFAULT_WEIGHTS
 
 app = typer.Typer(
@@ -31,13 +32,13 @@ def main() -> None:
     try:
         app()
     except FpnxError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
 
 
 def fail(error: FpnxError) -> typer.Exit:
     """For commands run through typer's runner (tests): the same one-line error and exit code."""
-    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)  # paths hold [ ]
     return typer.Exit(error.exit_code)
 
 
@@ -74,10 +75,13 @@ def extract(
     allow_truncated: Annotated[bool, typer.Option(help="Decode what is there of truncated files.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
+    commit_every_s: Annotated[Optional[float], typer.Option(hidden=True, help="Advanced: seconds between commits of finished images (default 10); a crash loses at most this much work.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: only shard I of N, into OUT.shard-0000I-of-0000N.h5; join the N shards with `fpnx merge --out OUT`. Under torchrun each process takes its own shard.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Extract P2-P6 of every image into one HDF5 file; rerunning resumes where a run stopped."""
-    from .pipeline import extract as run_extract
+    from .distributed import launched, parse_shard_option
+    from .pipeline import Interrupted, extract as run_extract
 
     progress = Progress(
         TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
@@ -94,6 +98,8 @@ def extract(
         progress.update(task, total=state.total, completed=state.done, rate=f"{rate:.2f} img/s", failed=failed)
 
     try:
+        shard_spec = parse_shard_option(shard)
+        launch = launched()
         try:
             summary = run_extract(
                 inputs, out, weights=weights, depth=depth, bn_eps=bn_eps,
@@ -102,16 +108,23 @@ def extract(
                 min_size=min_size, max_size=max_size, pixel_order=pixel_order, dtype=dtype,
                 compression=compression, overwrite=overwrite, allow_truncated=allow_truncated,
                 max_pixels=max_pixels, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
+                shard=shard_spec, commit_every_s=commit_every_s,
             )
         finally:
             if progress.live.is_started:
                 progress.stop()
     except FpnxError as error:
         raise fail(error) from None
+    except KeyboardInterrupt:  # before or after the part of the run that reports what it kept
+        raise fail(Interrupted("interrupted; run the same command again to resume")) from None
+    if launch is not None and launch.rank != 0:  # torchrun: rank 0 reports for all
+        return
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         _print_summary(summary)
+    if shard_spec is not None:
+        console.print(f"shard {shard_spec} done; once all {shard_spec.count} are: fpnx merge --out {escape(str(out))}", highlight=False)
     if strict and summary.failures:
         raise typer.Exit(1)
 
@@ -119,9 +132,10 @@ def extract(
 def _print_summary(summary) -> None:
     out = Console()
     out.print(
-        f"[bold]{summary.out}[/bold]: {summary.images_stored} images stored"
+        f"[bold]{escape(summary.out)}[/bold]: {summary.images_stored} images stored"
         + (f", {summary.images_already_done} already done" if summary.images_already_done else "")
         + (f", [red]{len(summary.failures)} failed[/red]" if summary.failures else "")
+        + (f", {len(summary.skipped)} skipped (hidden, not images...; listed by --json)" if summary.skipped else "")
         + f"  (weights {summary.weights['name']}{'' if summary.weights['trained'] else ' [yellow]untrained[/yellow]'},"
         f" {summary.device}, {summary.precision}, stored {summary.dtype})"
     )
@@ -147,9 +161,33 @@ def _print_summary(summary) -> None:
         failures = Table(title="failures", title_justify="left")
         failures.add_column("source")
         failures.add_column("reason")
-        for source, reason in summary.failures:
-            failures.add_row(source, reason)
+        for source, reason in summary.failures:  # any bytes but NUL: not UTF-8, "[/x]" markup
+            failures.add_row(escape(display_path(source)), escape(reason))
         out.print(failures)
+
+
+@app.command("merge")
+def merge_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged HDF5 file (added to if it exists).")],
+    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard files; default: every OUT.shard-*-of-*.h5 next to --out.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Join finished shards 0..N-1 (from `extract --shard I/N`) into one file; then remove the shard files."""
+    from .distributed import merge_shards
+
+    try:
+        summary = merge_shards(shards or (), out=out)
+    except FpnxError as error:
+        raise fail(error) from None
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    already = f", {len(summary.already_merged)} already merged" if summary.already_merged else ""
+    Console().print(
+        f"[bold]{escape(summary.out)}[/bold]: {summary.images} images ({summary.images_added} added from "
+        f"{len(summary.merged)} of {summary.count} shards{already}) in {summary.seconds:.1f} s; shard files removed",
+        highlight=False, soft_wrap=True,
+    )
 
 
 @app.command("weights")
@@ -216,7 +254,7 @@ def _print_inspection(result, drawn) -> None:
     out = _wide_console()
     what = "unfinished run (.parts folder, committed segments)" if result.kind == "parts" else "fpnx feature file"
     out.print(
-        f"[bold]{result.path}[/bold]: {result.images} images stored"
+        f"[bold]{escape(result.path)}[/bold]: {result.images} images stored"
         + (f", [red]{len(result.failures)} failed[/red]" if result.failures else ", 0 failed")
         + f"  ({what}, format {result.format_version}, {_human_bytes(result.size_on_disk)} on disk"
         + (f" in {result.files} files" if result.kind == "parts" else "") + ")",
@@ -233,7 +271,7 @@ def _print_inspection(result, drawn) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("weights", f"{weights.get('name')} ({trained}; {detail})")
+    summary.add_row("weights", f"{escape(str(weights.get('name')))} ({trained}; {escape(detail)})")
     prep = result.preprocessing
     if prep:
         scale = "0-1" if prep.get("value_range") == 1.0 else "0-255"
@@ -246,7 +284,7 @@ def _print_inspection(result, drawn) -> None:
     summary.add_row("stored", f"{result.dtype}, compression {result.compression}, computed in {result.precision}")
     summary.add_row("levels", ", ".join(level.name for level in result.levels))
     if result.created or result.command:
-        summary.add_row("made", f"{result.created} by fpnx {result.fpnx_version} on {result.device}: {result.command}")
+        summary.add_row("made", escape(f"{result.created} by fpnx {result.fpnx_version} on {result.device}: {result.command}"))
     out.print(summary, highlight=False)
 
     levels = Table(title="levels", title_justify="left")
@@ -263,7 +301,7 @@ def _print_inspection(result, drawn) -> None:
         for column in ("index", "source", "original HxW", "resized HxW", "scale"):
             table.add_column(column, justify="left" if column == "source" else "right")
         for row in result.selected:
-            table.add_row(str(row.index), row.source, f"{row.height}x{row.width}",
+            table.add_row(str(row.index), escape(display_path(row.source)), f"{row.height}x{row.width}",
                           f"{row.input_height}x{row.input_width}", f"{row.scale:.4g}")
         out.print(table)
     if result.stats is not None:
@@ -283,19 +321,19 @@ def _print_inspection(result, drawn) -> None:
         table.add_column("source")
         table.add_column("reason")
         for source, reason in result.failures:
-            table.add_row(source, reason)
+            table.add_row(escape(display_path(source)), escape(reason))
         out.print(table)
     if result.links:
         table = Table(title="[yellow]links in the file (listed, not followed; fpnx never reads them)", title_justify="left")
         for column in ("where", "kind", "target"):
             table.add_column(column)
         for link in result.links:
-            table.add_row(link.path, link.kind, link.target)
+            table.add_row(escape(link.path), link.kind, escape(link.target))
         out.print(table)
     if drawn is not None:
-        found = drawn.image_path if drawn.image_path else "[yellow]not found[/yellow] (use --image-root)"
-        out.print(f"plot: wrote {drawn.out} ({drawn.width}x{drawn.height}) for image {drawn.index} "
-                  f"{drawn.source}; input image: {found}", highlight=False)
+        found = escape(display_path(drawn.image_path)) if drawn.image_path else "[yellow]not found[/yellow] (use --image-root)"
+        out.print(f"plot: wrote {escape(drawn.out)} ({drawn.width}x{drawn.height}) for image {drawn.index} "
+                  f"{escape(display_path(drawn.source))}; input image: {found}", highlight=False)
 
 
 def _optional_bytes(count) -> str:
@@ -331,7 +369,7 @@ def bench_command(
     from .bench import parse_batch_sizes, parse_sizes, run_bench
 
     def progress(message: str) -> None:
-        console.print(f"[dim]bench: {message}[/dim]", highlight=False)
+        console.print(f"[dim]bench: {escape(message)}[/dim]", highlight=False)
 
     try:
         report = run_bench(
@@ -350,15 +388,15 @@ def bench_command(
 def _print_bench(report) -> None:
     out = _wide_console()
     out.print(
-        f"[bold]fpnx bench[/bold]: {report.device} ({report.device_name}), {report.threads} "
+        f"[bold]fpnx bench[/bold]: {report.device} ({escape(report.device_name)}), {report.threads} "
         f"thread{'s' if report.threads != 1 else ''}, "
         f"{report.precision}, {'channels_last' if report.channels_last else 'contiguous'}, "
-        f"{'torch.compile' if report.compile else 'eager'}, weights {report.weights} (ResNet-{report.depth}); "
+        f"{'torch.compile' if report.compile else 'eager'}, weights {escape(report.weights)} (ResNet-{report.depth}); "
         f"{report.iters} timed iterations after {report.warmup} warm-up ({report.timer})",
         highlight=False,
     )
     for note in report.notes:
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        out.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     rows = report.rows
     compare = report.compare is not None
     with_pipeline = any(row.pipeline is not None for row in rows)

@@ -340,11 +340,11 @@ def decode_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_trunc
     fpnx does), not threads.
     """
     path = os.fsdecode(path)  # a Path or bytes works too
-    with _open_regular_file(path) as file, _pillow_settings(allow_truncated):
+    with _open_regular_file(path) as file, _pillow_settings(allow_truncated) as caught:
         try:
             frame = _load_first_frame(file, max_pixels)
         except UnidentifiedImageError:
-            raise ImageError(f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})") from None
+            raise ImageError(_unidentified_reason(caught, path)) from None
         except Image.DecompressionBombError as error:  # only if Pillow's limit is changed mid-call
             raise ImageError(_one_line(str(error), path)) from error
         except _PILLOW_DECODE_ERRORS as error:
@@ -407,20 +407,30 @@ def _open_regular_file(path: str) -> BinaryIO:
 
 
 @contextmanager
-def _pillow_settings(allow_truncated: bool) -> Iterator[None]:
-    """Set Pillow's process-wide decoding switches for one call, and put them back."""
-    saved_truncated, saved_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    with warnings.catch_warnings():
+def _pillow_settings(allow_truncated: bool) -> Iterator[list[warnings.WarningMessage]]:
+    """Set Pillow's process-wide decoding switches for one call, and put them back; yields its warnings."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS
+    with warnings.catch_warnings(record=True) as caught:
         # Broken files make Pillow warn (corrupt EXIF, odd chunks); here they become an ImageError or decode
-        # fine, and thousands of warnings from workers would only bury the report.
-        warnings.simplefilter("ignore")
+        # fine, and thousands of warnings from workers would only bury the report. They are kept, not shown.
+        warnings.simplefilter("always")
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
         Image.MAX_IMAGE_PIXELS = None  # decode_image checks max_pixels itself, right after the header
+        Image.WARN_POSSIBLE_FORMATS = True  # say why a file that looks like TIFF (say) cannot be opened as one
         try:
-            yield
+            yield caught
         finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
-            Image.MAX_IMAGE_PIXELS = saved_limit
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS = saved
+
+
+def _unidentified_reason(caught: list[warnings.WarningMessage], path: str) -> str:
+    """Why no allowed format opened the file: for a file with an allowed format's header, that format's complaint."""
+    reason = f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+    for warning in caught:
+        name, opening_failed, why = str(warning.message).partition(" opening failed. ")
+        if opening_failed and name in ALLOWED_FORMATS:
+            return f"not an image in an allowed format: a damaged or unsupported {name} ({_one_line(why, path)})"
+    return reason
 
 
 def _one_line(text: str, path: str) -> str:

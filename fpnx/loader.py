@@ -7,10 +7,15 @@ OOM killer) is found by re-running the images that were in flight one at a time,
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -56,7 +61,8 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     try:
         decoded = decode_image(image.path, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
         decoded_at = time.perf_counter()
-        prepared = prepare_image(decoded.rgb, options.preprocessing)
+        with _one_thread():
+            prepared = prepare_image(decoded.rgb, options.preprocessing)
     except ImageError as error:
         return LoadedImage(image, error=str(error), decode_s=time.perf_counter() - start)
     except MemoryError:
@@ -77,6 +83,21 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     )
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Preprocess on one thread, as workers do: torch's resize rounds differently where its work is split between
+    threads, and the stored features must not depend on ``--workers`` or on the number of cores."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)  # cheap (well under a microsecond); decoding in this process is sequential
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ping() -> bool:
     return True
 
@@ -84,14 +105,43 @@ def _ping() -> bool:
 def _worker_init() -> None:
     # workers share the machine with the model: one thread each
     torch.set_num_threads(1)
+    # A terminal's Ctrl-C reaches the whole process group: the main process stops the run and shuts the pool
+    # down, so workers ignore it (no half-done task, no traceback from every worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A main process killed outright (kill -9, the OOM killer) cannot shut the pool down: leave with it.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), name="fpnx-parent", daemon=True).start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the parent process is gone
+    os._exit(1)
+
+
+LoadFunction = Callable[[ImageSource, LoadOptions], LoadedImage]
 
 
 class ImageLoader:
-    """Iterates :class:`LoadedImage` in the order of ``images``; ``workers=0`` loads in this process."""
+    """Iterates :class:`LoadedImage` in the order of ``images``; ``workers=0`` loads in this process.
 
-    def __init__(self, images: Sequence[ImageSource], options: LoadOptions, *, workers: int = 1, prefetch: int = 8):
+    ``load`` decodes one image (default :func:`load_image`); another must be a module-level function, so that
+    worker processes can import it (tests use this to simulate decoders that crash). Crash isolation needs
+    workers: with ``workers=0`` a crashing decoder takes this process with it.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[ImageSource],
+        options: LoadOptions,
+        *,
+        workers: int = 1,
+        prefetch: int = 8,
+        load: LoadFunction = load_image,
+    ):
         self.images = list(images)
         self.options = options
+        self.load = load
         self.workers = workers
         self.prefetch = max(prefetch, workers)
         self.crashes = 0
@@ -124,9 +174,9 @@ class ImageLoader:
             self._pool = self._start_pool()
         if self._pool is None:
             future: Future = Future()
-            future.set_result(load_image(image, self.options))
+            future.set_result(self.load(image, self.options))
             return future
-        return self._pool.submit(load_image, image, self.options)
+        return self._pool.submit(self.load, image, self.options)
 
     def _start_pool(self) -> ProcessPoolExecutor | None:
         """A pool whose workers are known to start; None (decode here) where they cannot."""

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed
 from .errors import FpnxError, UsageError
 from .images import DEFAULT_MAX_PIXELS, discover
 from .loader import ImageLoader, LoadedImage, LoadOptions
 from .models import build_model, forward, optimize_for_inference
 from .models.build import FeaturePyramid
 from .preprocess import PIXEL_ORDERS, pad_image, padded_size
+from .report import LevelReport, level_reports
 from .store import FeatureWriter, ImageRecord
 from .weights import DEFAULT_WEIGHTS
 
@@ -43,9 +45,17 @@ ProgressCallback = Callable[["Progress"], None]
 
 
 class Interrupted(FpnxError):
-    """Ctrl-C or SIGTERM: finished work is kept; the message says how to resume."""
+    """Ctrl-C or SIGTERM: finished work is kept; the message says how to resume.
+
+    ``exit_code`` is 128 + the signal's number, as a shell reports a process stopped by it: 130 for Ctrl-C
+    (SIGINT), 143 for SIGTERM.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 @dataclass
@@ -54,17 +64,6 @@ class Progress:
     total: int
     failed: int
     elapsed_s: float
-
-
-@dataclass
-class LevelReport:
-    name: str
-    stride: int
-    channels: int
-    min_hw: tuple[int, int]
-    median_hw: tuple[int, int]
-    max_hw: tuple[int, int]
-    bytes: int
 
 
 @dataclass
@@ -142,19 +141,34 @@ def extract(
     overwrite: bool = False,
     allow_truncated: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    commit_every_s: float | None = None,
     channels_last: bool = True,
     progress: bool | ProgressCallback = False,
     command: str | None = None,
     model: FeaturePyramid | None = None,
+    shard: distributed.Shard | str | tuple[int, int] | None = None,
 ) -> ExtractSummary:
     """Extract P2..P6 (or ``levels``) of every image under ``inputs`` into the HDF5 file ``out``.
 
     Resumes when ``out`` (or its unfinished ``out.parts``) exists with the same settings; ``overwrite`` starts
     anew. Failed images are recorded with a reason and the run goes on. ``progress=True`` shows a tqdm bar;
     a callable gets :class:`Progress` updates instead. Returns an :class:`ExtractSummary`.
+
+    Images that failed in an earlier run are tried again (a fixed file gets stored). Ctrl-C and SIGTERM raise
+    :class:`Interrupted` after keeping everything finished. ``commit_every_s`` (advanced; default: the writer's
+    10 s) is how often finished images are made durable: a crash loses at most that much work (a tiny value
+    commits after every image).
+
+    ``shard="I/N"`` extracts only shard I of N into ``OUT.shard-0000I-of-0000N.h5`` (join them with
+    :func:`fpnx.distributed.merge_shards`). Launched by torchrun, each process extracts its own shard and rank 0
+    merges them into ``out`` (:func:`fpnx.distributed.extract_with_torchrun`). See docs/scaling.md.
     """
+    if shard is None and distributed.launched() is not None:  # torchrun: one shard per process, then a merge
+        options = {name: value for name, value in locals().items() if name not in ("inputs", "out", "shard")}
+        return distributed.extract_with_torchrun(inputs, out, **options)
     _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels, levels)
     _check_output(Path(out))
+    shard = distributed.as_shard(shard)
     started = time.perf_counter()
     torch_device = resolve_device(device)
     discovery = discover(inputs)
@@ -180,8 +194,13 @@ def extract(
         "device": str(torch_device),
         "torch_version": torch.__version__,
     }
+    target, done_before = out, frozenset()  # a shard: its own file; what a finished OUT.h5 holds is done
+    if shard is not None:
+        target, done_before = distributed.prepare_shard(Path(out), shard, settings, overwrite=overwrite)
+        discovery = dataclasses.replace(discovery, images=shard.select(discovery.images))
+        metadata[distributed.SHARD_KEY] = shard.to_dict()
     with FeatureWriter(
-        out,
+        target,
         settings=settings,
         metadata=metadata,
         levels=levels,
@@ -190,28 +209,32 @@ def extract(
         dtype=dtype,
         compression=compression,
         overwrite=overwrite,
+        **({} if commit_every_s is None else {"commit_every_s": commit_every_s}),
     ) as writer:
-        finished = writer.done_sources | writer.failed_sources
+        finished = writer.done_sources | done_before  # failures are finished too, but worth another try
         todo = [image for image in discovery.images if image.source not in finished]
         run = _Run(model, torch_device, precision, levels, DTYPES[dtype], writer, len(todo), progress)
         workers = _default_workers(torch_device) if workers is None else workers
         loader = ImageLoader(todo, LoadOptions(spec, max_pixels, allow_truncated), workers=workers,
                              prefetch=max(2 * workers, batch_size * 2))
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt() as received:
             try:
                 run.process(loader, batch_size)
+                writer.finalize()
             except KeyboardInterrupt:
                 run.stop_writer()
                 writer.close()
                 raise Interrupted(
-                    f"interrupted: {writer.stored_count} images are kept in {out}.parts; "
-                    f"run the same command again to resume"
+                    f"interrupted: {writer.stored_count} images are kept in {target}.parts; "
+                    f"run the same command again to resume",
+                    received[0] if received else signal.SIGINT,
                 ) from None
-        writer.finalize()
+            finally:
+                loader.close()  # workers stop now, also after an error, not when the generator is collected
     timings = run.timings
     timings["total"] = time.perf_counter() - started
     return ExtractSummary(
-        out=str(out),
+        out=str(target),
         weights=model.weights.to_dict(),
         device=str(torch_device),
         precision=precision,
@@ -221,7 +244,8 @@ def extract(
         images_stored=run.stored,
         failures=run.failures,
         skipped=discovery.skipped,
-        levels=_level_reports(run.sizes, levels, shapes, np.dtype(dtype).itemsize),
+        levels=level_reports(run.sizes, {n: shapes[n].stride for n in levels}, {n: shapes[n].channels for n in levels},
+                             np.dtype(dtype).itemsize),
         timings=timings,
         fp32_fallbacks=run.fp32_fallbacks,
         float16_clamped=run.float16_clamped,
@@ -289,9 +313,13 @@ class _Run:
         self._thread.start()
 
     def process(self, loader: ImageLoader, batch_size: int) -> None:
-        for batch in _buckets(loader, batch_size, self.divisibility, self._record_failure):
-            self._run_batch(batch)
-        self.stop_writer()
+        try:
+            for batch in _buckets(loader, batch_size, self.divisibility, self._record_failure):
+                self._run_batch(batch)
+        finally:
+            # Also after an error or Ctrl-C: what is queued is finished work, and the writer thread must be
+            # done with the writer before anyone commits or closes it.
+            self.stop_writer()
 
     def _record_failure(self, item: LoadedImage) -> None:
         self.timings["decode"] += item.decode_s
@@ -422,29 +450,26 @@ def _progress_reporter(progress: bool | ProgressCallback, total: int) -> Callabl
     return report
 
 
-def _level_reports(sizes, levels, shapes, itemsize) -> list[LevelReport]:
-    reports = []
-    for name in levels:
-        info = shapes[name]
-        maps = [info.spatial_size(h, w) for h, w in sizes] or [(0, 0)]
-        areas = sorted(maps, key=lambda hw: (hw[0] * hw[1], hw))
-        total = sum(h * w for h, w in maps) * info.channels * itemsize if sizes else 0
-        reports.append(LevelReport(name, info.stride, info.channels, areas[0], areas[len(areas) // 2], areas[-1], total))
-    return reports
-
-
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the run like Ctrl-C: finished work is committed, the message says how to resume."""
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM stops the run like Ctrl-C (SIGINT): KeyboardInterrupt, and the signal's number in the list.
+
+    Only the first signal interrupts; later ones are ignored while the run keeps what it finished (about a
+    second), so a second Ctrl-C cannot cut that short. kill -9 still can, and loses only the open segment.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)

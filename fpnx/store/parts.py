@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import StoreError
 from . import schema
-from .files import write_atomically
+from .files import remove_tree, write_atomically
 from .schema import Layout
 
 PARTS_SUFFIX = ".parts"
@@ -44,6 +44,17 @@ def committed_segments(parts: Path) -> list[tuple[int, Path]]:
 
 def leftover_tmp_files(parts: Path) -> list[Path]:
     return sorted(entry for entry in parts.iterdir() if entry.name.endswith(TMP_SUFFIX))
+
+
+def remove_all_but_manifest(parts: Path) -> None:
+    """The first step of deleting a parts folder; ``remove_tree(parts)`` then removes the manifest and the folder.
+
+    Segments without their manifest cannot be trusted, so a run that finds them stops. Deleting the manifest
+    last means a deletion cut short (kill -9, Ctrl-C) leaves a folder the next run still recognises and finishes.
+    """
+    for entry in parts.iterdir():
+        if entry.name != MANIFEST:
+            remove_tree(entry)
 
 
 def looks_like_parts(path: Path) -> bool:

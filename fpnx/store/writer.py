@@ -23,7 +23,9 @@ from . import schema
 from .files import fsync_dir, remove_file, remove_tree
 from .lock import OutputLock
 from .merge import write_error, write_merged
-from .parts import Manifest, committed_segments, leftover_tmp_files, parts_dir_for, tmp_path_for
+from .parts import (
+    Manifest, committed_segments, leftover_tmp_files, parts_dir_for, remove_all_but_manifest, tmp_path_for,
+)
 from .inputs import open_checked
 from .schema import ImageRecord, Layout
 from .segment import OpenSegment
@@ -168,6 +170,7 @@ class FeatureWriter:
                         f", and so is the old {self.path.name}" if self._in_output else ""
                     )
                     raise write_error(self.path, error, kept) from None
+            remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.path.parent)
         finally:
@@ -246,6 +249,7 @@ class FeatureWriter:
             return None
         if finished_parts_id == manifest.run_id:
             # Killed after OUT.h5 was replaced by a finalize but before the parts were removed: already merged.
+            remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.parts.parent)
             return None
