@@ -136,8 +136,9 @@ def _print_summary(summary) -> None:
         + (f", {summary.images_already_done} already done" if summary.images_already_done else "")
         + (f", [red]{len(summary.failures)} failed[/red]" if summary.failures else "")
         + (f", {len(summary.skipped)} skipped (hidden, not images...; listed by --json)" if summary.skipped else "")
-        + f"  (weights {summary.weights['name']}{'' if summary.weights['trained'] else ' [yellow]untrained[/yellow]'},"
-        f" {summary.device}, {summary.precision}, stored {summary.dtype})"
+        + f"  (weights {escape(summary.weights['name'])}{'' if summary.weights['trained'] else ' [yellow]untrained[/yellow]'},"
+        f" {summary.device}, {summary.precision}, stored {summary.dtype})",
+        soft_wrap=True,  # one line for scripts that grep it, whatever the terminal width
     )
     levels = Table(title="levels", title_justify="left")
     for column in ("level", "stride", "channels", "min HxW", "median HxW", "max HxW", "bytes"):

@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -82,6 +83,11 @@ def test_torchrun_two_cpu_processes_equal_one(reference, tmp_path):
     with fpnx.open_features(out) as features:
         metadata = features.attrs["metadata"]
         assert "shard" not in metadata and metadata["shards"]["count"] == 2
+    inspected = runner.invoke(app, ["inspect", str(out), "--json"])  # one file, one collection
+    assert inspected.exit_code == 0, inspected.output
+    assert (json.loads(inspected.stdout)["images"], json.loads(inspected.stdout)["files"]) == (5, 1)
+    with h5py.File(out, "r") as plain:
+        assert len(plain["images"]["source"]) == 5 and len(plain["blocks"]) >= 1
     # the merged file has a single-process file's settings: a plain run resumes it and finds nothing to do
     again = fpnx.extract([SAMPLES], out, **COMMON)
     assert (again.images_stored, again.images_already_done) == (0, 5)
