@@ -582,26 +582,14 @@ def _bench_row(base, runner, reference, device, precision, batch_size, height, w
         stage_ms: list[list[float]] = []
         peak = reference_peak = (0, -1)
         for _ in range(iters):
-            before = memory.reset()
-            start = clock.mark()
-            run_full(runner)
-            end = clock.mark()
-            clock.sync()
-            full_ms.append(clock.elapsed_ms(start, end))
-            peak = _higher(peak, memory.read(), before)
+            peak = _time_full(clock, memory, lambda: run_full(runner), full_ms, peak)
 
             _, marks = run_staged(clock.mark)
             clock.sync()
             stage_ms.append([clock.elapsed_ms(a, b) for a, b in zip(marks, marks[1:])])
 
             if reference is not None:
-                before = memory.reset()
-                start = clock.mark()
-                run_full(reference)
-                end = clock.mark()
-                clock.sync()
-                reference_ms.append(clock.elapsed_ms(start, end))
-                reference_peak = _higher(reference_peak, memory.read(), before)
+                reference_peak = _time_full(clock, memory, lambda: run_full(reference), reference_ms, reference_peak)
 
     medians = [statistics.median(samples[i] for samples in stage_ms) for i in range(len(STAGES))]
     stage_sum = sum(medians)
@@ -618,6 +606,17 @@ def _bench_row(base, runner, reference, device, precision, batch_size, height, w
         if row.torchvision.images_per_s > 0:
             row.ratio = row.fpnx.images_per_s / row.torchvision.images_per_s
     return row
+
+
+def _time_full(clock, memory, run, samples: list[float], peak):
+    """Time one full forward into ``samples``; returns the higher of ``peak`` and this run's memory peak."""
+    before = memory.reset()
+    start = clock.mark()
+    run()
+    end = clock.mark()
+    clock.sync()
+    samples.append(clock.elapsed_ms(start, end))
+    return _higher(peak, memory.read(), before)
 
 
 def _higher(peak: tuple[int, int], now: int, before: int | None) -> tuple[int, int]:
