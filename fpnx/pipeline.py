@@ -30,6 +30,7 @@ from .errors import FpnxError, UsageError
 from .images import DEFAULT_MAX_PIXELS, discover
 from .loader import ImageLoader, LoadedImage, LoadOptions
 from .models import build_model, forward, optimize_for_inference
+from .models.inference import PRECISIONS
 from .models.build import FeaturePyramid
 from .preprocess import PIXEL_ORDERS, pad_image, padded_size
 from .report import LevelReport, level_reports
@@ -167,6 +168,8 @@ def extract(
         options = {name: value for name, value in locals().items() if name not in ("inputs", "out", "shard")}
         return distributed.extract_with_torchrun(inputs, out, **options)
     _check_options(batch_size, min_size, max_size, pixel_order, dtype, compression, workers, max_pixels, levels)
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     _check_output(Path(out))
     shard = distributed.as_shard(shard)
     started = time.perf_counter()

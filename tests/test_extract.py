@@ -202,6 +202,7 @@ def test_cli_extract_and_json(tmp_path):
         ([str(SAMPLES), "--levels", "p2,p9"], "unknown level 'p9'"),
         ([str(SAMPLES), "--min-size", "0"], "--min-size"),
         ([str(SAMPLES), "--dtype", "int8"], "--dtype"),
+        ([str(SAMPLES), "--precision", "int4"], "--precision must be one of fp32, bf16, fp16"),
         ([str(SAMPLES), "--weights", "no_such_weights"], "unknown weights"),
     ],
 )
