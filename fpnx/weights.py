@@ -208,7 +208,7 @@ def resolve(weights: str | os.PathLike | Weights | None, *, depth: int = 50) -> 
     else:
         path = Path(weights)
         if not path.exists():
-            if os.sep not in str(weights) and "." not in path.suffix:
+            if not path.suffix and os.sep not in str(weights):
                 get_weights(str(weights))  # raises the "unknown weights" error with the known names
             raise WeightsError(f"{path}: no such checkpoint file")
         framework = "detectron2" if path.suffix == ".pkl" else "torchvision"

@@ -259,3 +259,13 @@ def test_reduced_precision_is_close_and_never_overflows(precision):
         assert result.fell_back_to_fp32
         for level, ref in reference.items():
             assert relative_error(result.outputs[level], ref) <= TOLERANCE
+
+
+def test_random_weights_leave_the_callers_random_state_alone():
+    # seeding the weights must not reset the global generator: callers seeded differently stay different
+    draws = []
+    for caller_seed in (123, 456):
+        torch.manual_seed(caller_seed)
+        fpnx.build_model("random", depth=18, seed=7)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])

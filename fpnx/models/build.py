@@ -64,8 +64,6 @@ def build_model(
     if stride_in_1x1 is not None:
         entry = entry.replace(stride_in_1x1=stride_in_1x1)
 
-    if path is None:
-        torch.manual_seed(seed)  # deterministic "random" weights, same seed same weights
     model = FeaturePyramid(entry)
     if path is None:
         _randomise(model, seed)
