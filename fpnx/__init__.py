@@ -1,30 +1,39 @@
-"""fpnx: folders of images into exact ResNet + FPN feature maps (P2-P6) stored in HDF5."""
+"""fpnx: folders of images into exact ResNet + FPN feature maps (P2-P6) stored in HDF5.
 
-__version__ = "0.1.0"
+The data flows one way, and the subpackages follow it: :mod:`fpnx.sources` (paths -> images),
+:mod:`fpnx.preprocess` and :mod:`fpnx.loader` (-> batches), :mod:`fpnx.models` (-> features), :mod:`fpnx.store`
+(-> HDF5), :mod:`fpnx.report` (-> tables, statistics, plots); :mod:`fpnx.run` wires them into ``extract``.
+"""
 
-from .errors import FpnxError, ImageError, StoreError, UsageError, WeightsError
+from .errors import FpnxError, ImageError, Interrupted, StoreError, UsageError, WeightsError
 from .models import FeatureInfo, build_model
-from .distributed import merge_shards
-from .pipeline import ExtractSummary, extract
+from .models.weights import DEFAULT_WEIGHTS, Weights, get_weights, list_weights
+from .options import ExtractOptions
 from .preprocess import Preprocessing
-from .store import open_features
-from .weights import DEFAULT_WEIGHTS, Weights, get_weights, list_weights
+from .run import ExtractSummary, extract
+from .store import FeatureReader, merge_shards, merge_stores, open_features
+from .version import __version__
 
 __all__ = [
     "DEFAULT_WEIGHTS",
+    "ExtractOptions",
+    "ExtractSummary",
     "FeatureInfo",
+    "FeatureReader",
     "FpnxError",
     "ImageError",
+    "Interrupted",
     "Preprocessing",
     "StoreError",
     "UsageError",
     "Weights",
     "WeightsError",
-    "ExtractSummary",
+    "__version__",
     "build_model",
     "extract",
     "get_weights",
     "list_weights",
     "merge_shards",
+    "merge_stores",
     "open_features",
 ]

@@ -1,4 +1,5 @@
-"""Decode and preprocess images in worker processes, in input order, with bounded prefetch.
+"""Images -> batches: decode and preprocess in worker processes, in input order, with bounded prefetch, then
+group images of one padded size into batches.
 
 A decoder that raises costs its image a failure record; a decoder that crashes its process (a segfault, the
 OOM killer) is found by re-running the images that were in flight one at a time, and costs only that image.
@@ -15,7 +16,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ImageError
-from .images import DEFAULT_MAX_PIXELS, ImageSource, decode_image
-from .preprocess import Preprocessing, prepare_image
+from .errors import ImageError, first_line
+from .preprocess import Preprocessing, padded_size, prepare_image
+from .sources import DEFAULT_MAX_PIXELS, ImageSource, decode_image
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LoadOptions:
 class LoadedImage:
     """One image ready for the network (``pixels`` (3, h, w) float32, unpadded), or the reason it failed."""
 
-    image: ImageSource
+    origin: ImageSource
     pixels: np.ndarray | None = None
     height: int = 0
     width: int = 0
@@ -68,8 +69,8 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     except MemoryError:
         return LoadedImage(image, error="out of memory while decoding", decode_s=time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001 - one bad image must never stop a run
-        reason = (str(error).strip().splitlines() or [""])[0]
-        return LoadedImage(image, error=f"{type(error).__name__}: {reason}", decode_s=time.perf_counter() - start)
+        reason = f"{type(error).__name__}: {first_line(error, '')}"
+        return LoadedImage(image, error=reason, decode_s=time.perf_counter() - start)
     return LoadedImage(
         image,
         pixels=prepared.tensor.numpy(),
@@ -203,3 +204,32 @@ class ImageLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def batches(
+    loaded: Iterable[LoadedImage], batch_size: int, divisibility: int, on_failure: Callable[[LoadedImage], None]
+) -> Iterator[list[LoadedImage]]:
+    """Batches of images sharing one padded size; partial batches go when too many images wait.
+
+    Only images of one padded size share a batch, so an image's features never depend on its batch mates (extra
+    padding would change the features near its border). Failed images go to ``on_failure``.
+    """
+    waiting: dict[tuple[int, int], list[LoadedImage]] = {}
+    held = 0
+    for item in loaded:
+        if not item.ok:
+            on_failure(item)
+            continue
+        key = padded_size(item.input_height, item.input_width, divisibility)
+        bucket = waiting.setdefault(key, [])
+        bucket.append(item)
+        held += 1
+        if len(bucket) == batch_size:
+            held -= len(waiting.pop(key))
+            yield bucket
+        elif held >= 4 * batch_size:  # bound memory: run the fullest bucket now
+            key = max(waiting, key=lambda k: len(waiting[k]))
+            bucket = waiting.pop(key)
+            held -= len(bucket)
+            yield bucket
+    yield from waiting.values()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fpnx.images import ImageSource
+from fpnx.sources import ImageSource
 from fpnx.loader import LoadedImage, LoadOptions, load_image
 
 

@@ -1,4 +1,4 @@
-"""fpnx bench: the cost formula, the staged forward, CLI output and JSON, compare and pipeline modes, and bench's
+"""fpnx bench: the cost formula, stage timing through hooks, CLI output and JSON, compare and pipeline modes, and bench's
 own timing against an outside timing of the same work."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import fpnx
-from fpnx import bench as bench_module
-from fpnx.bench import STAGES, model_cost, output_shapes, run_bench, staged_forward
+from fpnx.bench import model_cost, output_shapes, run_bench
+from fpnx.bench import runner as bench_module
+from fpnx.bench.timers import Clock, StageTimer
 from fpnx.cli import app
 from fpnx.models import optimize_for_inference
 
@@ -42,15 +43,22 @@ def model():
     return optimize_for_inference(fpnx.build_model("random"))
 
 
+STAGES = ["stem", "res2", "res3", "res4", "res5", "fpn_lateral", "fpn_top_down", "fpn_output", "p6"]
+
+
 def test_cost_formula_gives_269_gflop_at_800x1216(model):
     cost = model_cost(model, 800, 1216)
-    assert set(cost) == set(STAGES)
+    assert list(cost) == list(model.stages()) == STAGES
     assert sum(cost.values()) == pytest.approx(269.0, rel=0.03)
     assert cost["fpn_top_down"] == cost["p6"] == 0 and min(cost[name] for name in STAGES[:6]) > 1
+    # the analytic count of ResNet-50's res2 at 200x304 (after the stem's stride 4): 3 bottlenecks + projection
+    h, w = 200, 304
+    res2 = 3 * (9 * 64 * 64 + 64 * 256) + 64 * 64 + 2 * 256 * 64 + 64 * 256  # 3x3s and expands, 1x1 reduces, projection
+    assert cost["res2"] == pytest.approx(2 * res2 * h * w / 1e9, rel=1e-9)
 
 
 def test_cost_formula_counts_what_the_convs_do_at_odd_sizes(model):
-    """Against the convs' own outputs in a forward on the meta device (no compute): odd sizes, every stage."""
+    """Every conv of the model belongs to a stage: the stages' costs add up to all convs' outputs, at odd sizes."""
     counted = []
 
     def hook(module, inputs, output):
@@ -66,16 +74,24 @@ def test_cost_formula_counts_what_the_convs_do_at_odd_sizes(model):
     assert sum(model_cost(meta, 101, 77).values()) == pytest.approx(sum(counted) / 1e9, rel=1e-12)
 
 
-def test_staged_forward_computes_the_forward(model):
+def test_stage_hooks_time_every_stage_of_the_models_own_forward(model):
     x = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    clock = Clock(torch.device("cpu"))
     with torch.no_grad():
-        full = model(x)
-        staged, marks = staged_forward(model, x, time.perf_counter)
-    assert list(staged) == list(full) == ["p2", "p3", "p4", "p5", "p6"]
-    assert len(marks) == len(STAGES) + 1 and marks == sorted(marks)
-    for name in full:
-        torch.testing.assert_close(staged[name], full[name], rtol=0, atol=0)
-        assert list(full[name].shape[1:]) == output_shapes(model, 64, 96)[name]
+        plain = model(x)
+        start = time.perf_counter()
+        with StageTimer(model, clock) as timer:
+            timed = model(x)
+            spent = timer.take()
+        total_ms = (time.perf_counter() - start) * 1000
+        untimed = model(x)
+    assert list(timed) == list(plain) == ["p2", "p3", "p4", "p5", "p6"]
+    assert len(spent) == len(STAGES) and all(ms > 0 for ms in spent) and sum(spent) <= total_ms
+    for name in plain:
+        torch.testing.assert_close(timed[name], plain[name], rtol=0, atol=0)
+        assert list(plain[name].shape[1:]) == output_shapes(model, 64, 96)[name]
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+    torch.testing.assert_close(untimed["p2"], plain["p2"], rtol=0, atol=0)
 
 
 def test_json_report_with_compare_runs_both_models(monkeypatch):

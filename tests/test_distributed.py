@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 
 import fpnx
 from fpnx.cli import app
-from fpnx.distributed import Shard, launched, merge_shards, parse_shard_option, shard_of, shard_path
+from fpnx.run.torchrun import launched
+from fpnx.store import merge_shards
+from fpnx.store.shards import Shard, shard_of, shard_path
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 IMAGES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
@@ -118,12 +120,13 @@ def test_bad_shard_is_a_usage_error(tmp_path, text):
     assert "--shard must be I/N" in result.output and "Traceback" not in result.output
 
 
-def test_shard_option_is_refused_under_torchrun(monkeypatch):
+def test_shard_option_is_refused_under_torchrun(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert launched().shard == Shard(1, 2)
-    with pytest.raises(fpnx.UsageError, match="torchrun"):
-        parse_shard_option("0/2")
+    with pytest.raises(fpnx.UsageError, match="--shard cannot be combined with torchrun"):
+        fpnx.extract([str(SAMPLES)], tmp_path / "f.h5", weights="random", shard="0/2")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shards_then_merge_equal_one_run(reference, tmp_path):

@@ -1,4 +1,4 @@
-"""fpnx.images: discovering image files and decoding them by fixed rules."""
+"""fpnx.sources: discovering image files and decoding them by fixed rules."""
 
 from __future__ import annotations
 
@@ -17,18 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from fpnx.errors import ImageError, UsageError
-from fpnx.images import (
+from fpnx.errors import ImageError, UsageError, display_path
+from fpnx.sources import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     DecodedImage,
     ImageSource,
-    _rgb_array,
     decode_image,
     discover,
-    display_path,
 )
+from fpnx.sources.decoding import _rgb_array
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX file names, links or pipes")
 

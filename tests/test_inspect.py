@@ -16,9 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import fpnx
-from fpnx import inspect as inspect_module
+from fpnx.report import statistics as statistics_module
 from fpnx.cli import app
-from fpnx.plot import BAR, MISSING, VIRIDIS, colormap
+from fpnx.report.plot import BAR, MISSING, VIRIDIS, colormap
 from fpnx.store import FeatureWriter, ImageRecord, open_features
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "inspect-bench.md"
@@ -215,7 +215,7 @@ def test_stats_count_zeros_nan_inf_and_stream_in_chunks(tmp_path, monkeypatch):
         arrays.append({"p2": p2, "p3": p3})
     path = write_synthetic(tmp_path / "odd.h5", arrays)
     expected = {level: np.concatenate([a[level].ravel() for a in arrays]) for level in ("p2", "p3")}
-    monkeypatch.setattr(inspect_module, "STATS_CHUNK", 7)  # many chunks per image, merged pairwise
+    monkeypatch.setattr(statistics_module, "STATS_CHUNK", 7)  # many chunks per image, merged pairwise
     result = invoke("inspect", path, "--stats", "--json")
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)["stats"]

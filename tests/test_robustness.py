@@ -24,13 +24,13 @@ import pytest
 from typer.testing import CliRunner
 
 import fpnx
-import fpnx.store.writer as writer_module
+import fpnx.run.pipeline as pipeline_module
+import fpnx.store.merge as merge_module
 import hostile_files as hostile
 from fpnx.cli import app
-from fpnx.errors import StoreError
-from fpnx.images import ImageSource
+from fpnx.errors import Interrupted, StoreError
+from fpnx.sources import ImageSource
 from fpnx.loader import ImageLoader, LoadOptions
-from fpnx.pipeline import Interrupted
 
 SIZES = {"min_size": 64, "max_size": 96}
 SIZE_OPTIONS = ["--min-size", "64", "--max-size", "96"]
@@ -136,7 +136,7 @@ def test_files_that_vanish_or_change_after_discovery_fail(tmp_path, model, monke
     images = folder(tmp_path)
     for name in ("a_good.png", "deleted.png", "emptied.png", "folder.png", "pipe.png", "z_good.png"):
         hostile.photo(images / name)
-    real_discover = fpnx.pipeline.discover
+    real_discover = pipeline_module.discover
 
     def discover_then_change(inputs):
         found = real_discover(inputs)
@@ -148,7 +148,7 @@ def test_files_that_vanish_or_change_after_discovery_fail(tmp_path, model, monke
         os.mkfifo(images / "pipe.png")  # opening must not wait for a writer
         return found
 
-    monkeypatch.setattr(fpnx.pipeline, "discover", discover_then_change)
+    monkeypatch.setattr(pipeline_module, "discover", discover_then_change)
     summary = extract([images], tmp_path / "out.h5", model)
     assert summary.images_found == 6 and summary.images_stored == 2
     assert dict(summary.failures) == {
@@ -274,7 +274,7 @@ def test_a_crashing_decoder_costs_one_image(tmp_path, model):
     options = LoadOptions(model.preprocessing.replace(**SIZES))
     loader = ImageLoader(sources, options, workers=2, prefetch=4, load=hostile.load_or_get_killed)
     loaded = list(loader)
-    assert [item.image.source for item in loaded] == names  # in order, each once
+    assert [item.origin.source for item in loaded] == names  # in order, each once
     assert [item.error for item in loaded] == [None, None, CRASHED, None, None, None]
     assert all(item.pixels.shape == (3, 64, 85) for item in loaded if item.ok)
     assert loader.crashes == 1
@@ -524,7 +524,7 @@ def test_ctrl_c_during_finalize_keeps_everything(tmp_path, model, monkeypatch):
         time.sleep(10)  # Ctrl-C lands here, while OUT.h5.tmp would be written
         raise AssertionError("not interrupted")
 
-    monkeypatch.setattr(writer_module, "write_merged", merge_interrupted)
+    monkeypatch.setattr(merge_module, "write_merged", merge_interrupted)
     try:
         with pytest.raises(Interrupted, match=f"3 images are kept in {parts}; run the same command again"):
             extract([images], out, model)
@@ -567,7 +567,7 @@ def test_cli_ctrl_c_outside_the_run_says_how_to_resume(tmp_path, monkeypatch):
     def pressed(inputs):
         raise KeyboardInterrupt  # e.g. while a huge tree of folders is being listed
 
-    monkeypatch.setattr(fpnx.pipeline, "discover", pressed)
+    monkeypatch.setattr(pipeline_module, "discover", pressed)
     result = cli_extract(folder(tmp_path), tmp_path / "out.h5")
     assert result.exit_code == 130
     assert result.output.strip() == "error: interrupted; run the same command again to resume"
@@ -637,7 +637,7 @@ def test_other_settings_are_a_clear_error_and_never_a_mixed_file(tmp_path, model
     with pytest.raises(StoreError) as caught:
         extract([images], out, model, min_size=80)
     assert str(caught.value) == (
-        f"{out} was made with other settings: 'preprocessing.min_size' was 64, now 80; "
+        f"{out} was made with other settings: 'preprocessing.min_size' is 64 there, 80 in this run; "
         "--overwrite starts anew (or choose another --out)"
     )
     assert out.read_bytes() == before
@@ -646,7 +646,7 @@ def test_other_settings_are_a_clear_error_and_never_a_mixed_file(tmp_path, model
     unfinished = tmp_path / "unfinished.h5"
     with pytest.raises(Interrupted):
         extract([images], unfinished, model, progress=interrupt_after(1), commit_every_s=3600)
-    with pytest.raises(StoreError, match=r"unfinished.h5.parts was made with other settings: 'dtype' was 'float32'"):
+    with pytest.raises(StoreError, match=r"unfinished.h5.parts was made with other settings: 'dtype' is 'float32' there, 'float16' in this run"):
         extract([images], unfinished, model, dtype="float16")
     anew = extract([images], unfinished, model, dtype="float16", overwrite=True)
     assert anew.images_stored == 4 and anew.images_already_done == 0

@@ -362,9 +362,9 @@ def test_settings_mismatch_and_overwrite(tmp_path):
     with writer(out) as w:
         add_images(w, range(2))
     other = {**SETTINGS, "preprocessing": {"mean": [0.1, 0.5, 0.5]}}
-    with pytest.raises(StoreError, match=r"'preprocessing\.mean' was \[0\.5, 0\.5, 0\.5\], now \[0\.1, 0\.5, 0\.5\].*--overwrite starts anew"):
+    with pytest.raises(StoreError, match=r"'preprocessing\.mean' is \[0\.5, 0\.5, 0\.5\] there, \[0\.1, 0\.5, 0\.5\] in this run.*--overwrite starts anew"):
         writer(out, settings=other)
-    with pytest.raises(StoreError, match="'dtype' was 'float32', now 'float16'"):
+    with pytest.raises(StoreError, match="'dtype' is 'float32' there, 'float16' in this run"):
         writer(out, dtype="float16")
     with writer(out) as w:  # the refusals changed nothing
         assert w.stored_count == 2
@@ -655,7 +655,7 @@ def test_merge_two_stores(tmp_path):
     with pytest.raises(StoreError, match=r"'img/000\.jpg' is stored in both"):
         merge_stores([a, merged], tmp_path / "dup.h5")
     c = _finished(tmp_path / "c.h5", [7], compression="lzf")
-    with pytest.raises(StoreError, match=r"setting 'compression' is 'lzf' there but 'gzip'"):
+    with pytest.raises(StoreError, match=r"c\.h5 was made with other settings: 'compression' is 'lzf' there, 'gzip' in .*a\.h5"):
         merge_stores([a, c], tmp_path / "mixed.h5")
     assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "mixed.h5").exists()
     merge_stores([merged], merged, overwrite=True)  # the output may be an input: it is replaced atomically

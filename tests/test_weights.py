@@ -11,7 +11,7 @@ import torch
 from checkpoint_factory import save, torchvision_detector
 
 import fpnx
-from fpnx import weights as catalogue
+from fpnx.models import weights as catalogue
 from fpnx.errors import WeightsError
 
 

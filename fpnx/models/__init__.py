@@ -1,25 +1,32 @@
-"""The ResNet + FPN network, written from scratch, and ``build_model``."""
+"""Preprocessed pixels -> features: the ResNet + FPN written from scratch, its weights and how it runs."""
 
 from .build import FeaturePyramid, build_model
+from .device import resolve_device
 from .fpn import FPN, LastLevelMaxPool
-from .inference import Forward, autocast, cpu_has_native_bf16, forward, optimize_for_inference
+from .inference import (
+    PRECISIONS, ForwardResult, autocast, cpu_has_native_bf16, forward, optimize_for_inference, valid_regions,
+)  # fmt: skip
 from .layers import ConvNorm, FrozenBatchNorm2d, fold_norms
 from .resnet import ResNet
-from .shapes import FeatureInfo
+from .shapes import FeatureInfo, map_size
 
 __all__ = [
+    "PRECISIONS",
     "ConvNorm",
     "FPN",
     "FeatureInfo",
     "FeaturePyramid",
+    "ForwardResult",
     "FrozenBatchNorm2d",
     "LastLevelMaxPool",
     "ResNet",
-    "Forward",
     "autocast",
     "build_model",
     "cpu_has_native_bf16",
-    "forward",
-    "optimize_for_inference",
     "fold_norms",
+    "forward",
+    "map_size",
+    "optimize_for_inference",
+    "resolve_device",
+    "valid_regions",
 ]

@@ -6,13 +6,13 @@ import os
 
 import torch
 
-from .. import checkpoints
 from ..errors import UsageError, WeightsError
 from ..preprocess import Preprocessing
-from ..weights import Weights, resolve, warn_if_untrained
+from . import checkpoint_keys, checkpoints
 from .fpn import FPN
 from .layers import fold_norms
 from .resnet import RESNET_SPECS, ResNet
+from .weights import Weights, resolve, warn_if_untrained
 
 
 class FeaturePyramid(FPN):
@@ -52,8 +52,8 @@ def build_model(
     entry, path = resolve(weights, depth=depth or 50)
     state = None
     if path is not None:
-        state, layout = checkpoints.to_fpnx_names(checkpoints.read_checkpoint(path))
-        held_depth = checkpoints.infer_depth(state)
+        state, layout = checkpoint_keys.to_fpnx_names(checkpoints.read_checkpoint(path))
+        held_depth = checkpoint_keys.infer_depth(state)
         if depth is not None and depth != held_depth:
             raise WeightsError(f"{entry.name}: the checkpoint holds a ResNet-{held_depth}, not a ResNet-{depth}")
         entry = entry.replace(depth=held_depth, extras={"layout": layout})

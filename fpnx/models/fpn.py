@@ -25,6 +25,13 @@ class LastLevelMaxPool(nn.Module):
         return F.max_pool2d(x, kernel_size=1, stride=2, padding=0)
 
 
+class TopDownMerge(nn.Module):
+    """A lateral plus the coarser merged level, upsampled (nearest) to the lateral's real size."""
+
+    def forward(self, lateral: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+        return lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="nearest")
+
+
 class FPN(nn.Module):
     """ResNet + FPN: ``forward`` returns ``{"p2": ..., "p6": ...}`` for a normalised batch (B, 3, H, W).
 
@@ -43,6 +50,7 @@ class FPN(nn.Module):
         self.bottom_up = bottom_up
         self.in_features = tuple(in_features)
         self.top_block = top_block if top_block is not None else LastLevelMaxPool()
+        self.top_down = TopDownMerge()
         input_shapes = bottom_up.output_shape()
         self.lateral_convs = nn.ModuleDict()
         self.output_convs = nn.ModuleDict()
@@ -63,6 +71,17 @@ class FPN(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
 
+    def stages(self) -> dict[str, list[nn.Module]]:
+        """The modules of each stage in forward order: what ``fpnx bench`` times and costs, by their hooks."""
+        return {
+            "stem": [self.bottom_up.stem],
+            **{name: [getattr(self.bottom_up, name)] for name in self.bottom_up.output_shape()},
+            "fpn_lateral": list(self.lateral_convs.values()),
+            "fpn_top_down": [self.top_down],
+            "fpn_output": list(self.output_convs.values()),
+            self.top_block.name: [self.top_block],
+        }
+
     def output_shape(self) -> dict[str, FeatureInfo]:
         """Channels and stride of each output, without running the model."""
         return dict(self._feature_info)
@@ -75,12 +94,10 @@ class FPN(nn.Module):
         bottom_up = self.bottom_up(x)
         level_names = list(self.lateral_convs.keys())  # fine to coarse
         outputs: dict[str, torch.Tensor] = {}
-        top_down = None
+        merged = None
         for level_name, in_name in zip(reversed(level_names), reversed(self.in_features)):
             lateral = self.lateral_convs[level_name](bottom_up[in_name])
-            if top_down is not None:
-                lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
-            top_down = lateral
-            outputs[level_name] = self.output_convs[level_name](top_down)
+            merged = lateral if merged is None else self.top_down(lateral, merged)
+            outputs[level_name] = self.output_convs[level_name](merged)
         outputs[self.top_block.name] = self.top_block(outputs[self.top_block.in_feature])
         return {name: outputs[name] for name in self._feature_info}

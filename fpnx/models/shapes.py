@@ -6,6 +6,15 @@ import math
 from dataclasses import dataclass
 
 
+def map_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Height and width of a stride-``stride`` map of a ``height`` x ``width`` input: ``ceil(side / stride)``.
+
+    Each stride-2 step of the network maps n to ceil(n / 2), and nested ceilings of halvings equal one ceiling
+    of the whole division. The stored arrays have exactly this size (docs/format.md).
+    """
+    return math.ceil(height / stride), math.ceil(width / stride)
+
+
 @dataclass(frozen=True)
 class FeatureInfo:
     """One output map: its name (``res3``, ``p4``), channel count and stride in input pixels."""
@@ -21,7 +30,4 @@ class FeatureInfo:
 
     def spatial_size(self, height: int, width: int) -> tuple[int, int]:
         """Height and width of this map for an input of ``height`` x ``width`` pixels."""
-        size_h, size_w = height, width
-        for _ in range(self.level):
-            size_h, size_w = (size_h + 1) // 2, (size_w + 1) // 2
-        return size_h, size_w
+        return map_size(height, width, self.stride)

@@ -1,8 +1,21 @@
-"""Crash-safe HDF5 storage of FPN feature maps: one writer, one reader, one format (see docs/format.md)."""
+"""Features -> disk: crash-safe HDF5 storage of FPN feature maps, one format (docs/format.md) with one writer,
+one reader, one merge, and shards."""
 
 from .merge import merge_stores
 from .reader import FeatureReader, open_features
 from .schema import FORMAT_VERSION, ImageRecord
+from .shard_merge import MergeSummary, merge_shards
+from .shards import Shard
 from .writer import FeatureWriter
 
-__all__ = ["FeatureWriter", "FeatureReader", "open_features", "merge_stores", "ImageRecord", "FORMAT_VERSION"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureReader",
+    "FeatureWriter",
+    "ImageRecord",
+    "MergeSummary",
+    "Shard",
+    "merge_shards",
+    "merge_stores",
+    "open_features",
+]

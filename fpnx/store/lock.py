@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import StoreError
@@ -72,3 +74,18 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "pid unknown"
+
+
+@contextlib.contextmanager
+def hold_locks(outputs: Sequence[Path]) -> Iterator[None]:
+    """Hold the locks of several outputs (taken in order, released in reverse), e.g. a merge and its inputs."""
+    held: list[OutputLock] = []
+    try:
+        for output in outputs:
+            lock = OutputLock(output)
+            lock.acquire()
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()

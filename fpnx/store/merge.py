@@ -1,7 +1,8 @@
 """Merge fpnx files and ``.parts`` folders into one file, atomically (``.tmp`` + fsync + rename).
 
 Blocks are copied with HDF5's object copy (H5Ocopy), which moves chunks as stored: compressed data is never
-decompressed, so merging costs about as much as copying the files. ``FeatureWriter.finalize`` uses the same code.
+decompressed, so merging costs about as much as copying the files. :func:`merge_into` is the one merge:
+``merge_stores``, shard merges and ``FeatureWriter.finalize`` all go through it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from . import schema
 from .files import describe_os_error, publish, remove_file
 from .lock import OutputLock
 from .parts import tmp_path_for
-from .inputs import describe_input, load_file
-from .settings import first_difference
+from .location import StoreLocation, load_file, locate_store
+from .schema import Layout
+from .settings import check_settings
 from .storefile import Index, StoreFile, combine_failures
 from .tables import NewFile, write_tables
 
@@ -38,34 +40,51 @@ def merge_stores(
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UsageError("merge needs at least one input")
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; the merged output must be a file path")
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of {out} does not exist")
+    check_merge_output(out)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; --overwrite replaces it")
     lock = OutputLock(out)
     lock.acquire()
     try:
-        described = [describe_input(path) for path in paths]
-        first = described[0]
-        for other in described[1:]:
-            difference = first_difference(first.settings, other.settings)
-            if difference:
-                key, mine, theirs = difference
-                raise StoreError(
-                    f"cannot merge {other.path} with {first.path}: setting {key!r} is {theirs!r} there "
-                    f"but {mine!r} in {first.path}"
-                )
+        stores = [locate_store(path) for path in paths]
+        first = stores[0]
         attrs = schema.root_attributes(first.layout, first.settings, first.metadata)
-        files = [file for store in described for file in store.files]
-        try:
-            write_merged(files, out, first.layout, first.settings, attrs)
-        except OSError as error:
-            raise write_error(out, error, "the inputs are unchanged") from None
+        merge_into(out, stores, first.settings, attrs, expected_in=f"in {first.path}", kept="the inputs are unchanged")
     finally:
         lock.release()
     return out
+
+
+def check_merge_output(out: Path) -> None:
+    """Before any work: the merged file's path must be a file path in an existing folder."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; the merged output must be a file path such as features.h5")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: the folder {out.parent} does not exist")
+
+
+def merge_into(
+    out: Path,
+    stores: Sequence[StoreLocation],
+    settings: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+    *,
+    expected_in: str,
+    kept: str,
+) -> None:
+    """The one merge behind ``merge_stores``, shard merges and a writer's finalize.
+
+    Every store must have ``settings`` (those of ``expected_in``, for the message), checked before anything is
+    copied; then their files are written to ``out`` atomically (:func:`write_merged`). A failed write becomes
+    one line saying what is ``kept``.
+    """
+    for store in stores:
+        check_settings(store.path, store.settings, settings, expected_in=expected_in)
+    files = [file for store in stores for file in store.files]
+    try:
+        write_merged(files, out, Layout.from_settings(settings), settings, attrs, expected_in=expected_in)
+    except OSError as error:
+        raise write_error(out, error, kept) from None
 
 
 def write_merged(
@@ -74,6 +93,8 @@ def write_merged(
     layout: schema.Layout,
     settings: Mapping[str, Any],
     attrs: Mapping[str, Any],
+    *,
+    expected_in: str,
 ) -> None:
     """Write the union of ``files`` (each checked to have ``settings``) to ``out`` atomically, rows in input order.
 
@@ -90,7 +111,7 @@ def write_merged(
             dst = target.h5
             blocks = dst[schema.BLOCKS]
             for path in files:
-                store, index = load_file(path, settings)
+                store, index = load_file(path, settings, expected_in=expected_in)
                 try:
                     _refuse_duplicates(store.path, index, stored_in)
                     renumbering = {}
@@ -146,7 +167,7 @@ def _copy_block(store: StoreFile, block: int, target: h5py.Group) -> None:
 
 
 def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:
-    old = index.columns[schema.SEGMENT]
+    old = index.columns[schema.BLOCK]
     if len(old) == 0:
         return old.astype(np.int32)
     missing = set(np.unique(old).tolist()) - set(renumbering)
@@ -163,7 +184,7 @@ def _concatenate(indexes: Sequence[Index], segments: Sequence[np.ndarray], layou
     sources = [source for index in indexes for source in index.sources]
     columns = {}
     for name, nothing in empty.columns.items():
-        parts = list(segments) if name == schema.SEGMENT else [index.columns[name] for index in indexes]
+        parts = list(segments) if name == schema.BLOCK else [index.columns[name] for index in indexes]
         columns[name] = np.concatenate(parts).astype(nothing.dtype) if parts else nothing
     failures = combine_failures([index.failures for index in indexes], set(sources))
     return Index(sources, columns, failures)

@@ -71,8 +71,7 @@ class Manifest:
 
     @property
     def layout(self) -> Layout:
-        s = self.settings
-        return Layout.checked(s["levels"], s["channels"], s["strides"], s["dtype"], s["compression"])
+        return Layout.from_settings(self.settings)
 
     def write(self, parts: Path) -> None:
         record = {

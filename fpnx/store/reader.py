@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import StoreError
 from . import schema
-from .inputs import StoreInput, describe_input, load_file
+from .location import StoreLocation, load_file, locate_store
 from .storefile import Index, StoreFile, combine_failures, open_store_file, problems_as_store_errors
 
 # Bounds on open handles: a .parts folder may hold thousands of segments, a file thousands of blocks.
@@ -27,8 +27,7 @@ OPEN_DATASETS = 64
 
 def open_features(path: str | os.PathLike[str]) -> "FeatureReader":
     """Open a finished fpnx file, or a ``.parts`` folder (the committed part of an unfinished or running run)."""
-    target = describe_input(Path(path))
-    return FeatureReader(target)
+    return FeatureReader(locate_store(Path(path)))
 
 
 class FeatureReader:
@@ -39,7 +38,7 @@ class FeatureReader:
     was at open: segments committed later are not seen.
     """
 
-    def __init__(self, target: StoreInput) -> None:
+    def __init__(self, target: StoreLocation) -> None:
         self.path = target.path
         self.layout = target.layout
         self.attrs: dict[str, Any] = target.attrs
@@ -91,7 +90,7 @@ class FeatureReader:
         """{level: array (C, H, W) in the stored dtype} of one image, by position or by source."""
         i = self._position(key)
         k = int(self._file_of_row[i])
-        block = int(self._columns[schema.SEGMENT][i])
+        block = int(self._columns[schema.BLOCK][i])
         height = int(self._columns[schema.INPUT_HEIGHT][i])
         width = int(self._columns[schema.INPUT_WIDTH][i])
         arrays = {}

@@ -7,7 +7,6 @@ Every fpnx file (a finished ``OUT.h5`` or one committed segment of a run) has th
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from ..models.shapes import map_size
 
 FORMAT_NAME = "fpnx-features"
 FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ WIDTH = "width"
 INPUT_HEIGHT = "input_height"
 INPUT_WIDTH = "input_width"
 SCALE = "scale"
-SEGMENT = "segment"
+BLOCK = "segment"  # the column's on-disk name (format version 1); it holds the number of the image's block
 OFFSET_PREFIX = "offset_"
 REASON = "reason"
 
@@ -42,7 +43,7 @@ INDEX_COLUMNS: dict[str, np.dtype] = {
     INPUT_HEIGHT: np.dtype("int32"),
     INPUT_WIDTH: np.dtype("int32"),
     SCALE: np.dtype("float64"),
-    SEGMENT: np.dtype("int32"),
+    BLOCK: np.dtype("int32"),
 }
 OFFSET_DTYPE = np.dtype("int64")
 
@@ -166,10 +167,16 @@ class Layout:
             compression=compression,
         )
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "Layout":
+        """The layout a store's full settings record (``to_settings`` keys); ValueError/KeyError if damaged."""
+        return cls.checked(
+            settings["levels"], settings["channels"], settings["strides"], settings["dtype"], settings["compression"]
+        )
+
     def shape(self, level: str, input_height: int, input_width: int) -> tuple[int, int, int]:
         """(C, H, W) of one image's array at ``level``: the resized input, before padding, over the stride."""
-        stride = self.strides[level]
-        return (self.channels[level], math.ceil(input_height / stride), math.ceil(input_width / stride))
+        return (self.channels[level], *map_size(input_height, input_width, self.strides[level]))
 
     def to_settings(self) -> dict[str, Any]:
         return {

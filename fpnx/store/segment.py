@@ -61,7 +61,7 @@ class OpenSegment:
             schema.INPUT_HEIGHT: record.input_height,
             schema.INPUT_WIDTH: record.input_width,
             schema.SCALE: record.scale,
-            schema.SEGMENT: self.number,
+            schema.BLOCK: self.number,
         }
         row.update({schema.offset_column(level): offset for level, offset in offsets.items()})
         for name, value in row.items():

@@ -1,13 +1,13 @@
-"""The settings a resumed or merged store must share, and how to name the first one that differs."""
+"""The settings a resumed or merged store must share, and the one message naming the first that differs."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
 from .schema import Layout, normalize
-
-_ABSENT = object()
 
 
 def full_settings(settings: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
@@ -36,3 +36,15 @@ def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any]
                 return found
         return None
     return None if old == new else (path or "(all settings)", old, new)
+
+
+def check_settings(where: Path, found: Mapping[str, Any], expected: Mapping[str, Any], *, expected_in: str,
+                   advice: str = "") -> None:
+    """The one refusal of a store made with other settings (resume, merge, shards): StoreError naming the first
+    difference between ``where``'s settings (``found``) and ``expected``, which belong to ``expected_in``."""
+    difference = first_difference(dict(found), dict(expected))
+    if difference:
+        key, there, wanted = difference
+        raise StoreError(
+            f"{where} was made with other settings: {key!r} is {there!r} there, {wanted!r} {expected_in}{advice}"
+        )

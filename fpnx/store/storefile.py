@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, first_line
 from . import schema
 from .schema import Layout
 
@@ -32,8 +32,7 @@ def problems_as_store_errors(path: Path, doing: str = "read") -> Iterator[None]:
     except StoreError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StoreError(f"cannot {doing} {path}: damaged fpnx feature file ({reason})") from None
+        raise StoreError(f"cannot {doing} {path}: damaged fpnx feature file ({first_line(error)})") from None
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -49,8 +48,7 @@ def open_h5(path: Path) -> h5py.File:
     except OSError as error:
         if not h5py.is_hdf5(path):
             raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({reason})") from None
+        raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({first_line(error, 'unreadable')})") from None
 
 
 def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
@@ -126,6 +124,18 @@ class StoreFile:
         with problems_as_store_errors(self.path):
             sources = self._sources()
             return Index(sources, self._columns(len(sources)), self._failures())
+
+    def image_count(self) -> int:
+        """Rows of /images, without reading them."""
+        with problems_as_store_errors(self.path):
+            images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
+            return len(hard_child(images, schema.SOURCE, h5py.Dataset, self.path))
+
+    @property
+    def parts_id(self) -> str | None:
+        """The id of the ``.parts`` folder (or shard) this file absorbed last, if any (see docs/format.md)."""
+        value = self.attrs.get(schema.ATTR_PARTS_ID)
+        return None if value is None else str(value)
 
     def read_sources(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Only what a resuming writer needs: the stored sources and the failures."""

@@ -22,16 +22,17 @@ from ..errors import StoreError, UsageError
 from . import schema
 from .files import fsync_dir, remove_file, remove_tree
 from .lock import OutputLock
-from .merge import write_error, write_merged
+from .location import locate_store, open_checked
+from .merge import merge_into, write_error
 from .parts import (
     Manifest, committed_segments, leftover_tmp_files, parts_dir_for, remove_all_but_manifest, tmp_path_for,
 )
-from .inputs import open_checked
 from .schema import ImageRecord, Layout
 from .segment import OpenSegment
-from .settings import first_difference, full_settings
+from .settings import check_settings, full_settings
 
 STARTS_ANEW = "--overwrite starts anew"
+THIS_RUN = "in this run"
 
 
 class FeatureWriter:
@@ -158,18 +159,14 @@ class FeatureWriter:
     def finalize(self) -> Path:
         """Commit, merge OUT.h5 (if any) and all segments into ``path`` atomically, remove ``path.parts``, close."""
         self.commit()
-        segments = [segment for _, segment in committed_segments(self.parts)]
         try:
-            if segments or not self.path.exists():
-                inputs = ([self.path] if self.path.exists() else []) + segments
+            if committed_segments(self.parts) or not self.path.exists():
+                stores = [locate_store(path) for path in (self.path, self.parts) if path.exists()]
+                kept = f"the {self._in_parts} images in {self.parts} are kept" + (
+                    f", and so is the old {self.path.name}" if self._in_output else ""
+                )
                 attrs = {**self._attrs, schema.ATTR_PARTS_ID: self._run_id}
-                try:
-                    write_merged(inputs, self.path, self._layout, self._settings, attrs)
-                except OSError as error:
-                    kept = f"the {self._in_parts} images in {self.parts} are kept" + (
-                        f", and so is the old {self.path.name}" if self._in_output else ""
-                    )
-                    raise write_error(self.path, error, kept) from None
+                merge_into(self.path, stores, self._settings, attrs, expected_in=THIS_RUN, kept=kept)
             remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.path.parent)
@@ -256,7 +253,7 @@ class FeatureWriter:
         self._refuse_other_settings(self.parts, manifest.settings)
         for number, segment in segments:
             try:
-                store = open_checked(segment, manifest.settings)
+                store = open_checked(segment, manifest.settings, expected_in=f"in {self.parts / 'manifest.json'}")
                 try:
                     sources, failures = store.read_sources()
                 finally:
@@ -280,13 +277,7 @@ class FeatureWriter:
         self._frozen = None
 
     def _refuse_other_settings(self, where: Path, old: Mapping[str, Any]) -> None:
-        difference = first_difference(dict(old), self._settings)
-        if difference:
-            key, before, now = difference
-            raise StoreError(
-                f"{where} was made with other settings: {key!r} was {before!r}, now {now!r}; "
-                f"{STARTS_ANEW} (or choose another --out)"
-            )
+        check_settings(where, old, self._settings, expected_in=THIS_RUN, advice=f"; {STARTS_ANEW} (or choose another --out)")
 
     def _open_segment(self) -> OpenSegment:
         if self._segment is None:

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import FpnxError, UsageError
-from .images import decode_image, display_path
-from .inspect import select_image
-from .store import open_features
+from ..errors import FpnxError, UsageError, display_path, os_error_reason
+from ..sources import decode_image
+from ..store import open_features
+from .inspection import select_image
 
 PANEL_WIDTH = 240
 MIN_PANEL_HEIGHT = 96
@@ -47,12 +47,6 @@ _VIRIDIS_ANCHORS = np.array([
 _positions = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
 VIRIDIS = np.stack([np.interp(np.linspace(0.0, 1.0, 256), _positions, _VIRIDIS_ANCHORS[:, c]) for c in range(3)],
                    axis=1).round().astype(np.uint8)
-
-# Options of `fpnx extract` that take a value: skipped when looking for the inputs in a recorded command.
-_VALUE_OPTIONS = {
-    "--out", "-o", "--weights", "--depth", "--bn-eps", "--levels", "--batch-size", "--device", "--precision",
-    "--workers", "--min-size", "--max-size", "--pixel-order", "--dtype", "--compression", "--max-pixels",
-}
 
 
 @dataclass
@@ -93,17 +87,16 @@ def colormap(values: np.ndarray) -> tuple[np.ndarray, float, float]:
 def find_image(source: str, feature_path: Path, metadata: dict[str, Any], image_root: str | os.PathLike | None = None) -> Path | None:
     """The image file ``source`` was extracted from, or None.
 
-    With ``image_root``: ``image_root/source`` only. Otherwise tried in turn: ``source`` as given (relative
-    to the current folder), relative to the feature file's folder, and inside each folder named as an input
-    in the recorded ``command`` (relative to the current folder and to the feature file's folder).
+    With ``image_root``: ``image_root/source`` only. Otherwise, for files that record their run's inputs
+    (absolute) and working folder: ``source`` inside each folder input, beside each ``@list``, and relative to the
+    run's working folder; then, for any file, ``source`` relative to the feature file's folder and to the current
+    folder. Files written before inputs were recorded fall back on the words of the recorded command line.
     """
     if image_root is not None:
         candidates = [Path(image_root) / source]
     else:
         here = feature_path.resolve().parent  # a .parts folder sits beside its output, like the file
-        candidates = [Path(source), here / source]
-        for folder in _command_inputs(metadata.get("command")):
-            candidates += [Path(folder) / source, here / folder / source]
+        candidates = [folder / source for folder in _input_folders(metadata, here)] + [here / source, Path(source)]
     for candidate in candidates:
         try:
             if candidate.is_file():
@@ -113,24 +106,19 @@ def find_image(source: str, feature_path: Path, metadata: dict[str, Any], image_
     return None
 
 
-def _command_inputs(command: Any) -> list[str]:
-    if not isinstance(command, str):
-        return []
+def _input_folders(metadata: dict[str, Any], here: Path) -> list[Path]:
+    """Folders a source may be relative to, from what the run recorded."""
+    inputs, working = metadata.get("inputs"), metadata.get("working_dir")
+    if isinstance(inputs, list) and isinstance(working, str):
+        folders = [Path(str(item)[1:]).parent if str(item).startswith("@") else Path(str(item)) for item in inputs]
+        return folders + [Path(working)]
+    # older files: every word after "extract" (option values too: a value is no folder, so it finds nothing)
     try:
-        words = shlex.split(command)
+        words = shlex.split(metadata.get("command") or "")
     except ValueError:
         return []
-    if "extract" in words:
-        words = words[words.index("extract") + 1 :]
-    inputs, skip = [], False
-    for word in words:
-        if skip:
-            skip = False
-        elif word.startswith("-"):
-            skip = word in _VALUE_OPTIONS
-        elif not word.startswith("@"):
-            inputs.append(word)
-    return inputs
+    words = words[words.index("extract") + 1 :] if "extract" in words else words
+    return [base / word for word in words if not word.startswith(("-", "@")) for base in (Path.cwd(), here)]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -171,11 +159,7 @@ def plot_features(
         if len(reader) == 0:
             raise UsageError(f"{path} holds no images to plot")
         index = select_image(reader, image if image is not None else 0)
-        info = reader.info(index)
-        arrays = reader[index]
-        levels = reader.levels
-        metadata = reader.metadata
-        dtype = reader.dtype
+        info, arrays, metadata, dtype = reader.info(index), reader[index], reader.metadata, reader.dtype
     image_path = find_image(info["source"], path, metadata, image_root)
     picture, missing_reason = None, "image not found"
     if image_path is not None:
@@ -184,45 +168,10 @@ def plot_features(
         except FpnxError as error:
             picture, missing_reason, image_path = None, f"cannot decode: {error}", None
 
-    aspect = info["input_height"] / info["input_width"]
-    map_height = int(min(MAX_PANEL_HEIGHT, max(MIN_PANEL_HEIGHT, round(PANEL_WIDTH * aspect))))
-    columns = 1 + len(levels)
-    width = MARGIN + columns * (PANEL_WIDTH + MARGIN)
-    row1_top = MARGIN + TITLE_HEIGHT
-    row2_top = row1_top + map_height + SCALE_HEIGHT + MARGIN + TITLE_HEIGHT
-    height = row2_top + HISTOGRAM_HEIGHT + 2 * TITLE_HEIGHT
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    font, small = _font(14), _font(11)
-    panels: list[Panel] = []
-
-    def title(left: int, top: int, text: str, face=font) -> None:
-        draw.text((left, top - TITLE_HEIGHT + 3), _fit_text(draw, text, face, PANEL_WIDTH), fill=INK, font=face)
-
-    # the input image
-    left = MARGIN
-    box = (left, row1_top, left + PANEL_WIDTH, row1_top + map_height)
-    input_title = f"input {info['height']}x{info['width']} -> {info['input_height']}x{info['input_width']}"
-    title(left, row1_top, input_title)
-    if picture is not None:
-        fit = min(PANEL_WIDTH / picture.width, map_height / picture.height)
-        fitted = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))),
-                                Image.Resampling.BILINEAR, reducing_gap=3.0)
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING)
-        canvas.paste(fitted, (left + (PANEL_WIDTH - fitted.width) // 2, row1_top + (map_height - fitted.height) // 2))
-    else:
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING, outline=INK)
-        draw.text((left + 8, row1_top + map_height // 2 - 16), _fit_text(draw, missing_reason, font, PANEL_WIDTH - 16),
-                  fill=INK, font=font)
-        draw.text((left + 8, row1_top + map_height // 2 + 4),
-                  _fit_text(draw, display_path(info["source"]), small, PANEL_WIDTH - 16),
-                  fill=INK, font=small)
-    panels.append(Panel("input", "image", box, input_title))
-
-    # under it: what is plotted
-    info_top = row2_top
+    figure = _Figure(info["input_height"] / info["input_width"], len(arrays))
+    figure.input_panel(picture, missing_reason, info)
     weights = metadata.get("weights", {}) or {}
-    lines = [
+    figure.info_panel([
         f"image {index}: {display_path(info['source'])}",
         f"original {info['height']}x{info['width']}, input {info['input_height']}x{info['input_width']}",
         f"weights {weights.get('name', '?')}{'' if weights.get('trained', True) else ' (untrained)'}",
@@ -230,52 +179,94 @@ def plot_features(
         "maps: mean over channels,",
         "viridis from min to max",
         "histograms: all values, log count",
-    ]
-    for k, line in enumerate(lines):
-        draw.text((MARGIN, info_top + k * 17), _fit_text(draw, line, small, PANEL_WIDTH), fill=INK, font=small)
-    panels.append(Panel("info", "info", (MARGIN, info_top, MARGIN + PANEL_WIDTH, info_top + HISTOGRAM_HEIGHT),
-                        "info"))
+    ])
+    for column, (level, array) in enumerate(arrays.items(), start=1):
+        figure.level_panels(column, level, np.asarray(array, dtype=np.float64))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        figure.canvas.save(out, format="PNG")
+    except OSError as error:
+        raise UsageError(f"cannot write {out}: {os_error_reason(error)}") from None
+    return PlotResult(
+        out=str(out), width=figure.canvas.width, height=figure.canvas.height, index=index, source=info["source"],
+        image_path=str(image_path) if image_path is not None else None, panels=figure.panels,
+    )
 
-    for column, level in enumerate(levels, start=1):
+
+class _Figure:
+    """The canvas: a first row of the input and one colour map per level, a second of info and histograms."""
+
+    def __init__(self, aspect: float, levels: int) -> None:
+        self.map_height = int(min(MAX_PANEL_HEIGHT, max(MIN_PANEL_HEIGHT, round(PANEL_WIDTH * aspect))))
+        self.row1_top = MARGIN + TITLE_HEIGHT
+        self.row2_top = self.row1_top + self.map_height + SCALE_HEIGHT + MARGIN + TITLE_HEIGHT
+        width = MARGIN + (1 + levels) * (PANEL_WIDTH + MARGIN)
+        self.canvas = Image.new("RGB", (width, self.row2_top + HISTOGRAM_HEIGHT + 2 * TITLE_HEIGHT), BACKGROUND)
+        self.draw = ImageDraw.Draw(self.canvas)
+        self.font, self.small = _font(14), _font(11)
+        self.panels: list[Panel] = []
+
+    def title(self, left: int, top: int, text: str) -> None:
+        fitted = _fit_text(self.draw, text, self.font, PANEL_WIDTH)
+        self.draw.text((left, top - TITLE_HEIGHT + 3), fitted, fill=INK, font=self.font)
+
+    def text(self, left: int, top: int, text: str, font, width: int = PANEL_WIDTH) -> None:
+        self.draw.text((left, top), _fit_text(self.draw, text, font, width), fill=INK, font=font)
+
+    def input_panel(self, picture: Image.Image | None, missing_reason: str, info: dict[str, Any]) -> None:
+        left, top, height = MARGIN, self.row1_top, self.map_height
+        box = (left, top, left + PANEL_WIDTH, top + height)
+        title = f"input {info['height']}x{info['width']} -> {info['input_height']}x{info['input_width']}"
+        self.title(left, top, title)
+        if picture is not None:
+            fit = min(PANEL_WIDTH / picture.width, height / picture.height)
+            fitted = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))),
+                                    Image.Resampling.BILINEAR, reducing_gap=3.0)
+            self.draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING)
+            self.canvas.paste(fitted, (left + (PANEL_WIDTH - fitted.width) // 2, top + (height - fitted.height) // 2))
+        else:
+            self.draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=MISSING, outline=INK)
+            self.text(left + 8, top + height // 2 - 16, missing_reason, self.font, PANEL_WIDTH - 16)
+            self.text(left + 8, top + height // 2 + 4, display_path(info["source"]), self.small, PANEL_WIDTH - 16)
+        self.panels.append(Panel("input", "image", box, title))
+
+    def info_panel(self, lines: list[str]) -> None:
+        """Under the input: what is plotted."""
+        for k, line in enumerate(lines):
+            self.text(MARGIN, self.row2_top + k * 17, line, self.small)
+        box = (MARGIN, self.row2_top, MARGIN + PANEL_WIDTH, self.row2_top + HISTOGRAM_HEIGHT)
+        self.panels.append(Panel("info", "info", box, "info"))
+
+    def level_panels(self, column: int, level: str, array: np.ndarray) -> None:
+        """The level's mean map with a colour bar of its range, and below it the histogram of all its values."""
         left = MARGIN + column * (PANEL_WIDTH + MARGIN)
-        array = np.asarray(arrays[level], dtype=np.float64)
         channels, map_h, map_w = array.shape
         with np.errstate(invalid="ignore"):
             finite = np.isfinite(array)
-            mean_map = np.where(finite, array, 0.0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1)
-            mean_map[finite.sum(axis=0) == 0] = np.nan
+            counts = finite.sum(axis=0)
+            mean_map = np.where(finite, array, 0.0).sum(axis=0) / np.maximum(counts, 1)
+            mean_map[counts == 0] = np.nan
         rgb, low, high = colormap(mean_map)
         text = f"{level}  {map_h}x{map_w}  (mean of {channels})"
-        title(left, row1_top, text)
-        box = (left, row1_top, left + PANEL_WIDTH, row1_top + map_height)
-        canvas.paste(Image.fromarray(rgb).resize((PANEL_WIDTH, map_height), Image.Resampling.NEAREST), box[:2])
-        panels.append(Panel(level, "map", box, text))
-        # colour bar with the map's range
+        self.title(left, self.row1_top, text)
+        box = (left, self.row1_top, left + PANEL_WIDTH, self.row1_top + self.map_height)
+        self.canvas.paste(Image.fromarray(rgb).resize((PANEL_WIDTH, self.map_height), Image.Resampling.NEAREST),
+                          box[:2])
+        self.panels.append(Panel(level, "map", box, text))
         bar_top = box[3] + 4
         strip = np.broadcast_to(VIRIDIS[np.linspace(0, 255, PANEL_WIDTH).astype(np.int64)], (8, PANEL_WIDTH, 3))
-        canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (left, bar_top))
-        draw.text((left, bar_top + 10), _number(low), fill=INK, font=small)
+        self.canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (left, bar_top))
+        self.draw.text((left, bar_top + 10), _number(low), fill=INK, font=self.small)
         high_text = _number(high)
-        draw.text((left + PANEL_WIDTH - draw.textlength(high_text, font=small), bar_top + 10), high_text, fill=INK,
-                  font=small)
+        self.draw.text((left + PANEL_WIDTH - self.draw.textlength(high_text, font=self.small), bar_top + 10),
+                       high_text, fill=INK, font=self.small)
 
-        # histogram of every value of the level
-        box = (left, row2_top, left + PANEL_WIDTH, row2_top + HISTOGRAM_HEIGHT)
+        box = (left, self.row2_top, left + PANEL_WIDTH, self.row2_top + HISTOGRAM_HEIGHT)
         values = array[finite]
         text = f"{level} values ({values.size} finite)"
-        title(left, row2_top, text)
-        _histogram(draw, box, values, small)
-        panels.append(Panel(f"{level} histogram", "histogram", box, text))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        canvas.save(out, format="PNG")
-    except OSError as error:
-        raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
-    return PlotResult(
-        out=str(out), width=width, height=height, index=index, source=info["source"],
-        image_path=str(image_path) if image_path is not None else None, panels=panels,
-    )
+        self.title(left, self.row2_top, text)
+        _histogram(self.draw, box, values, self.small)
+        self.panels.append(Panel(f"{level} histogram", "histogram", box, text))
 
 
 def _histogram(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], values: np.ndarray, font) -> None:

@@ -11,17 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
-
 from ..errors import StoreError
 from . import schema
 from .parts import Manifest, committed_segments, looks_like_parts, parts_dir_for
-from .settings import first_difference
+from .settings import check_settings
 from .storefile import Index, StoreFile, open_store_file, plain
 
 
 @dataclass(frozen=True)
-class StoreInput:
+class StoreLocation:
     """A finished file or a ``.parts`` folder: the fpnx files holding its images, and what they were made with."""
 
     path: Path
@@ -32,7 +30,7 @@ class StoreInput:
     attrs: dict[str, Any]
 
 
-def describe_input(path: Path) -> StoreInput:
+def locate_store(path: Path) -> StoreLocation:
     """Check ``path`` (file or ``.parts`` folder) and list its files, without loading any index."""
     if path.is_dir():
         if not looks_like_parts(path):
@@ -43,12 +41,12 @@ def describe_input(path: Path) -> StoreInput:
             segments = [segment for _, segment in committed_segments(path)]
         except FileNotFoundError:
             raise StoreError(f"{path} vanished while being read: its run has finished; open the output") from None
-        return StoreInput(path, segments, manifest.layout, manifest.settings, manifest.metadata, attrs)
+        return StoreLocation(path, segments, manifest.layout, manifest.settings, manifest.metadata, attrs)
     if not path.exists():
         raise missing_output_error(path)
     store = open_store_file(path)
     try:
-        return StoreInput(path, [path], store.layout, store.settings, store.metadata, store.attrs)
+        return StoreLocation(path, [path], store.layout, store.settings, store.metadata, store.attrs)
     finally:
         store.close()
 
@@ -70,28 +68,31 @@ def count_images(parts: Path) -> int | None:
     total = 0
     try:
         for _, segment in committed_segments(parts):
-            with h5py.File(segment, "r", locking=False) as h5:
-                total += len(h5[schema.IMAGES][schema.SOURCE])
-    except (OSError, KeyError, ValueError, TypeError):
+            store = open_store_file(segment)
+            try:
+                total += store.image_count()
+            finally:
+                store.close()
+    except (OSError, StoreError):
         return None
     return total
 
 
-def open_checked(path: Path, settings: Mapping[str, Any] | None = None) -> StoreFile:
-    """Open one fpnx file; with ``settings``, refuse a file made with others."""
+def open_checked(path: Path, settings: Mapping[str, Any] | None = None, *, expected_in: str = "") -> StoreFile:
+    """Open one fpnx file; with ``settings`` (those of ``expected_in``), refuse a file made with others."""
     store = open_store_file(path)
     if settings is not None:
-        difference = first_difference(dict(settings), store.settings)
-        if difference:
+        try:
+            check_settings(path, store.settings, settings, expected_in=expected_in)
+        except StoreError:
             store.close()
-            key, expected, found = difference
-            raise StoreError(f"{path} was made with other settings: {key!r} is {found!r}, expected {expected!r}")
+            raise
     return store
 
 
-def load_file(path: Path, settings: Mapping[str, Any] | None = None) -> tuple[StoreFile, Index]:
+def load_file(path: Path, settings: Mapping[str, Any] | None = None, *, expected_in: str = "") -> tuple[StoreFile, Index]:
     """Open one fpnx file (see :func:`open_checked`) and read its index."""
-    store = open_checked(path, settings)
+    store = open_checked(path, settings, expected_in=expected_in)
     try:
         return store, store.read_index()
     except BaseException:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from ..models.shapes import map_size
 
 
 @dataclass
@@ -30,7 +31,7 @@ def level_reports(
     """Reports for each level of ``strides`` (in its order) over images of the given resized input sizes."""
     reports = []
     for name, stride in strides.items():
-        maps = [(math.ceil(h / stride), math.ceil(w / stride)) for h, w in input_sizes]
+        maps = [map_size(h, w, stride) for h, w in input_sizes]
         ordered = sorted(maps, key=lambda hw: (hw[0] * hw[1], hw)) or [(0, 0)]
         total = sum(h * w for h, w in maps) * channels[name] * itemsize
         reports.append(LevelReport(name, stride, channels[name], ordered[0], ordered[len(ordered) // 2], ordered[-1], total))

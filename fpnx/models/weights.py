@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import WeightsError
-from .preprocess import DETECTRON2, TORCHVISION, Preprocessing
+from ..errors import WeightsError
+from ..preprocess import DETECTRON2, TORCHVISION, Preprocessing
 
 DEFAULT_WEIGHTS = "fasterrcnn_resnet50_fpn.coco_v1"
 RANDOM = "random"

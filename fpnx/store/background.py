@@ -1,0 +1,78 @@
+"""A :class:`FeatureWriter` fed from a thread: the model runs on while finished images are written.
+
+The queue is short (a few images), so memory stays bounded and a slow disk slows the producer down
+(backpressure) rather than filling memory. An error in the thread stops it and is raised in the producer at its
+next call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from .schema import ImageRecord
+from .writer import FeatureWriter
+
+
+class BackgroundWriter:
+    """Adds images and failures to ``writer`` in a thread; ``on_written`` is called there after each one."""
+
+    def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = 4) -> None:
+        self.writer = writer
+        self.stored = 0
+        self.failures: list[tuple[str, str]] = []
+        self.input_sizes: list[tuple[int, int]] = []
+        self.seconds = 0.0  # time spent writing
+        self._on_written = on_written
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="fpnx-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray]) -> None:
+        self._put((record, features))
+
+    def add_failure(self, source: str, reason: str) -> None:
+        self._put((source, reason))
+
+    def stop(self) -> None:
+        """Write what is queued (finished work, also after an error or Ctrl-C), end the thread, raise its error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _put(self, item: tuple) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                if isinstance(item[0], ImageRecord):
+                    record, features = item
+                    self.writer.add(record, features)
+                    self.stored += 1
+                    self.input_sizes.append((record.input_height, record.input_width))
+                else:
+                    self.writer.add_failure(*item)
+                    self.failures.append(item)
+            except BaseException as error:  # noqa: BLE001 - handed to the producer
+                self._error = error
+            self.seconds += time.perf_counter() - start
+            self._on_written()

@@ -1,0 +1,205 @@
+"""Merging the shards of one extraction into its output: only complete sets, never part of a shard.
+
+:func:`merge_shards` refuses to merge unless shards 0..N-1 are all present and finished, copies the blocks of an
+existing ``OUT.h5`` and of the shards into a new ``OUT.h5`` atomically (the one merge, :func:`merge_into`), and
+removes the shard files only after that. The merged file lists the shard files it absorbed, so a merge
+interrupted before that removal never counts a shard twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError, UsageError
+from . import schema
+from .files import fsync_dir, remove_file
+from .location import count_images, locate_store, open_checked
+from .lock import hold_locks
+from .merge import check_merge_output, merge_into
+from .parts import Manifest, parts_dir_for
+from .shards import (
+    MERGED_KEY, SHARD_KEY, Shard, absorbed_parts, find_shards, shard_from_name, shard_path,
+)  # fmt: skip
+
+
+@dataclass
+class MergeSummary:
+    """What :func:`merge_shards` did; ``to_dict()`` is what ``fpnx merge --json`` prints."""
+
+    out: str
+    count: int  # N, the number of shards
+    merged: list[str]  # shard files copied into out
+    already_merged: list[str]  # shard files out had absorbed before (a merge killed before its cleanup)
+    images: int  # images in out now
+    images_added: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Found:
+    shard: Shard
+    path: Path
+
+
+def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os.PathLike[str]) -> MergeSummary:
+    """Merge the finished shards 0..N-1 (and a finished ``out``, if any) into ``out``; then remove the shard files.
+
+    ``shards`` are shard files (``OUT.shard-0000I-of-0000N.h5``); none means every shard of ``out`` in its folder.
+    A shard that is missing, or unfinished (only its ``.parts`` exists, or a run is adding to it), stops the merge
+    with a message naming it and saying how to finish it: a merged file never includes part of a shard. The merge
+    is atomic (``OUT.h5.tmp``, fsync, rename); the shard files are removed only once the new ``out`` is in place.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_merge_output(out)
+    found = _identify([Path(p) for p in shards]) if shards else _find_for(out)
+    with hold_locks([out] + [item.path for item in found]):
+        for item in found:  # under the locks: no run can be adding to them now
+            _check_finished(item)
+        stores = [locate_store(item.path) for item in found]
+        previous = locate_store(out) if out.exists() else None
+        absorbed_before = absorbed_parts(previous.metadata) if previous is not None else set()
+        before = _image_count(out) if previous is not None else 0
+        ids = [store.attrs.get(schema.ATTR_PARTS_ID) for store in stores]
+        fresh = [i for i, parts_id in enumerate(ids) if parts_id is None or str(parts_id) not in absorbed_before]
+        if previous is not None:  # a rerun with nothing new must not rewrite a large file
+            fresh = [i for i in fresh if not _is_empty(found[i].path)]
+        if fresh or previous is None:
+            first = stores[0]
+            metadata = {k: v for k, v in first.metadata.items() if k != SHARD_KEY}
+            metadata[MERGED_KEY] = {"count": len(found), "absorbed": sorted(str(i) for i in ids if i is not None)}
+            attrs = schema.root_attributes(first.layout, first.settings, metadata)
+            merging = ([previous] if previous is not None else []) + [stores[i] for i in fresh]
+            merge_into(out, merging, first.settings, attrs, expected_in=f"in {first.path}",
+                       kept="the shard files and the old output are unchanged")
+        for item in found:  # only now: out holds them
+            remove_file(item.path)
+        fsync_dir(out.parent)
+    after = _image_count(out)
+    return MergeSummary(
+        out=str(out),
+        count=len(found),
+        merged=[str(found[i].path) for i in fresh],
+        already_merged=[str(item.path) for i, item in enumerate(found) if i not in fresh],
+        images=after,
+        images_added=after - before,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _image_count(path: Path) -> int:
+    store = open_checked(path)
+    try:
+        return store.image_count()
+    finally:
+        store.close()
+
+
+def _is_empty(path: Path) -> bool:
+    store = open_checked(path)
+    try:
+        sources, failures = store.read_sources()
+    finally:
+        store.close()
+    return not sources and not failures
+
+
+def _identify(paths: list[Path]) -> list[_Found]:
+    """The shard each given path is (its metadata, or its name if it is not finished), all of one split, complete."""
+    found: list[_Found] = []
+    for path in paths:
+        if path.name.endswith(".parts") and path.is_dir():
+            path = path.with_name(path.name.removesuffix(".parts"))
+        found.append(_Found(_shard_of_path(path), path))
+    counts = sorted({item.shard.count for item in found})
+    if len(counts) > 1:
+        a = next(item for item in found if item.shard.count == counts[0])
+        b = next(item for item in found if item.shard.count == counts[1])
+        raise StoreError(f"the shards disagree on the split: {a.path} is shard {a.shard}, {b.path} is shard {b.shard}")
+    by_index: dict[int, _Found] = {}
+    for item in found:
+        other = by_index.setdefault(item.shard.index, item)
+        if other is not item and other.path.resolve() != item.path.resolve():
+            raise StoreError(f"{other.path} and {item.path} are both shard {item.shard}")
+    count = counts[0]
+    for index in range(count):
+        if index not in by_index:
+            named = shard_from_name(found[0].path)  # the missing one is named like the others
+            _refuse_absent(Shard(index, count), shard_path(named[1], Shard(index, count)) if named else None)
+    return [by_index[index] for index in range(count)]
+
+
+def _find_for(out: Path) -> list[_Found]:
+    found = find_shards(out)
+    if not found:
+        raise StoreError(
+            f"no shards of {out} found: expected files such as {shard_path(out, Shard(0, 2)).name} in {out.parent} "
+            f"(written by fpnx extract --out {out} --shard I/N)"
+        )
+    if len(found) > 1:
+        counts = " and ".join(str(count) for count in found)
+        raise StoreError(f"{out.parent} holds shards of {out.name} split {counts} ways; name the shards to merge")
+    count = next(iter(found))
+    return [_Found(Shard(index, count), shard_path(out, Shard(index, count))) for index in range(count)]
+
+
+def _shard_of_path(path: Path) -> Shard:
+    if path.is_file():
+        store = open_checked(path)
+        try:
+            recorded = store.metadata.get(SHARD_KEY)
+        finally:
+            store.close()
+        if not isinstance(recorded, dict):
+            raise StoreError(f"{path} is not a shard (its metadata names no shard); merge shards of one extraction")
+        try:
+            return Shard(int(recorded["index"]), int(recorded["count"]))
+        except (KeyError, TypeError, ValueError, UsageError):
+            raise StoreError(f"{path} is a damaged shard: its metadata says shard {recorded!r}") from None
+    named = shard_from_name(path)
+    if named is None:
+        if path.exists():
+            raise StoreError(f"{path} is not a shard file")
+        raise StoreError(f"{path} does not exist")
+    _refuse_absent(named[0], path)
+    raise AssertionError("unreachable")
+
+
+def _refuse_absent(shard: Shard, path: Path | None) -> None:
+    """The error for shard ``shard`` whose finished file ``path`` is not there: unfinished or missing."""
+    if path is not None and parts_dir_for(path).is_dir():
+        raise StoreError(f"shard {shard} is unfinished: {_unfinished(shard, path)}")
+    where = f"{path} does not exist" if path is not None else "no file was given for it"
+    raise StoreError(f"shard {shard} is missing: {where}; run `fpnx extract ... --shard {shard}` to write it")
+
+
+def _check_finished(item: _Found) -> None:
+    if not item.path.exists():
+        _refuse_absent(item.shard, item.path)
+    if parts_dir_for(item.path).is_dir():  # a later run was adding to this shard and stopped
+        raise StoreError(f"shard {item.shard} is unfinished: {_unfinished(item.shard, item.path)}")
+
+
+def _unfinished(shard: Shard, path: Path) -> str:
+    parts = parts_dir_for(path)
+    images = count_images(parts)
+    held = f"{images} images" if images is not None else "the images done so far"
+    command = None
+    try:
+        command = Manifest.read(parts).metadata.get("command")
+    except StoreError:
+        pass
+    if isinstance(command, str) and "--shard" in command:
+        how = f"rerun `{command}` to finish it"
+    else:
+        how = f"rerun `fpnx extract ... --shard {shard}` (or the same torchrun command) to finish it"
+    return f"{parts} holds {held}, {path.name} is not finished; {how}"
