@@ -11,6 +11,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )  # fmt: skip
@@ -52,17 +54,17 @@ def print_table(out: Console, title: str, columns: Sequence[str], rows: Sequence
     """A table with ``left`` left-aligned columns, or, when it would not fit ``out``, one stacked block per row."""
     table = Table(title=title, title_justify="left")
     for k, column in enumerate(columns):
-        table.add_column(column, justify="left" if k < left else "right")
+        table.add_column(column, justify="left" if k < left else "right", overflow="fold")
     for row in rows:
         table.add_row(*row)
-    if out.measure(table).maximum <= out.width:
+    if Measurement.get(out, out.options.update_width(1 << 16), table).maximum <= out.width:
         out.print(table)
         return
     out.print(f"[italic]{title}[/italic]", highlight=False)
     for row in rows:
         out.print(f"  [bold]{row[0]}[/bold]", highlight=False)
-        for column, cell in zip(columns[1:], row[1:]):
-            out.print(f"      {escape(column)}: {cell}", highlight=False)
+        details = "; ".join(f"{escape(column)}: {cell}" for column, cell in zip(columns[1:], row[1:]))
+        out.print(Padding(details, (0, 0, 0, 6)), highlight=False)  # indented, wrapped within the console
 
 
 # -- extract ---------------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def _inspection_grid(result) -> Table:
     ) if part)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")  # long paths fold rather than lose their end
     grid.add_row("weights", f"{escape(str(weights.get('name')))} ({trained}; {escape(detail)})")
     prep = result.preprocessing
     if prep:

@@ -284,6 +284,41 @@ def test_plot_without_the_input_image_says_so(tmp_path):
     assert result.exit_code == 2 and ".png" in error_line(result)
 
 
+def test_plot_finds_the_input_from_another_folder_after_shards_and_a_merge(photos, tmp_path, monkeypatch):
+    """A relative input folder, --shard 0/1, merge, then the plot from inside the output's folder."""
+    work = tmp_path / "work"
+    shutil.copytree(photos, work / "images")
+    (work / "out").mkdir()
+    monkeypatch.chdir(work)
+    extracted = invoke("extract", "images", "--out", "out/s.h5", "--weights", "random", "--min-size", "32",
+                       "--max-size", "48", "--levels", "p5,p6", "--shard", "0/1", "--workers", "0")
+    assert extracted.exit_code == 0, extracted.output
+    assert invoke("merge", "--out", "out/s.h5").exit_code == 0
+    monkeypatch.chdir(work / "out")
+    result = invoke("inspect", "s.h5", "--plot", "p.png", "--image", "sub/b.png", "--json")
+    assert result.exit_code == 0, result.output
+    plot = json.loads(result.stdout)["plot"]
+    assert plot["image_path"] is not None, "input image not found"
+    assert Path(plot["image_path"]).resolve() == (work / "images" / "sub" / "b.png").resolve()
+    with open_features("s.h5") as reader:
+        assert reader.metadata["inputs"] == [str(work / "images")] and reader.metadata["working_dir"] == str(work)
+
+
+def test_a_file_written_before_inputs_were_recorded_still_plots(tmp_path, monkeypatch):
+    """fpnx 0.1 recorded only the command line: its input folders are found as before, from the run's folder."""
+    old = Path(__file__).parent / "data" / "written-by-fpnx-0.1.h5"
+    shutil.copy(old, tmp_path / "s.h5")
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+        tmp_path / "images" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    with open_features("s.h5") as reader:
+        assert "inputs" not in reader.metadata and reader.sources == ["a.png"]
+    result = invoke("inspect", "s.h5", "--plot", "p.png", "--json")
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads(result.stdout)["plot"]["image_path"]).resolve() == (tmp_path / "images" / "a.png").resolve()
+
+
 # -- unfinished runs ------------------------------------------------------------------------------------------
 
 

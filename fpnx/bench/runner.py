@@ -71,14 +71,6 @@ def run_bench(
     _check(precision, batch_sizes, sizes, iters, warmup, compare, pipeline, threads)
     torch_device = resolve_device(device)
     say = progress or (lambda message: None)
-    notes = []
-    if precision == "bf16" and torch_device.type == "cpu" and not cpu_has_native_bf16():
-        notes.append("bf16 is emulated on this CPU (no AVX-512 BF16 or AMX): expect it to run slower than fp32")
-    if precision == "fp16" and torch_device.type == "cpu" and not cpu_has_native_fp16():
-        notes.append("fp16 is emulated on this CPU (no AMX-FP16): expect it to run slower than fp32")
-    if compile:
-        notes.append("--compile: the full forward is compiled; the per-stage breakdown times the eager model")
-
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -125,10 +117,21 @@ def run_bench(
         timer=Clock(torch_device).kind,
         peak_memory_kind=PeakMemory(torch_device).kind,
         compare=compare,
-        notes=notes,
+        notes=_notes(torch_device, precision, compile),
         rows=rows,
         best=best,
     )
+
+
+def _notes(device: torch.device, precision: str, compile: bool) -> list[str]:
+    notes = []
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        notes.append("bf16 is emulated on this CPU (no AVX-512 BF16 or AMX): expect it to run slower than fp32")
+    if precision == "fp16" and device.type == "cpu" and not cpu_has_native_fp16():
+        notes.append("fp16 is emulated on this CPU (no AMX-FP16): expect it to run slower than fp32")
+    if compile:
+        notes.append("--compile: the full forward is compiled; the per-stage breakdown times the eager model")
+    return notes
 
 
 def _check(precision, batch_sizes, sizes, iters, warmup, compare, pipeline, threads) -> None:
