@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,25 +163,58 @@ def prepare_image(rgb: np.ndarray, spec: Preprocessing) -> PreparedImage:
       channels in ``pixel_order``, ``(x - mean) / std``.
 
     The resize is skipped when the size does not change. Runs without autograd and sets no global state.
+    It is :func:`resize_on_host` followed by :func:`finish_on_device` on the CPU: a device that finishes the
+    work runs the same operations.
+    """
+    pixels, input_height, input_width, scale = resize_on_host(rgb, spec)
+    tensor = finish_on_device(pixels_tensor(pixels), spec, (input_height, input_width))
+    return PreparedImage(tensor=tensor, input_height=input_height, input_width=input_width, scale=scale)
+
+
+def resize_on_host(rgb: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, int, int, float]:
+    """The part of preprocessing done on uint8 pixels: ``(pixels, input_height, input_width, scale)``.
+
+    detectron2 weights: the PIL resize (their framework resizes uint8 images on the host); torchvision weights:
+    nothing (their framework resizes the normalised float image, wherever the model runs).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
     new_height, new_width, scale = resized_size(height, width, spec)
-    resize = (new_height, new_width) != (height, width)
+    if spec.resize == "detectron2" and (new_height, new_width) != (height, width):
+        rgb = np.asarray(Image.fromarray(rgb).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    return rgb, new_height, new_width, scale
+
+
+def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A uint8 array as a tensor without copying, which is only read: read-only arrays are fine (torch's warning
+    about writing to them does not apply), mirrored views (negative strides) are copied."""
+    if any(stride < 0 for stride in pixels.strides):
+        pixels = np.ascontiguousarray(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels)
+
+
+def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tuple[int, int]) -> torch.Tensor:
+    """Float32 ``(3, h, w)`` network input from :func:`resize_on_host`'s uint8 ``(H, W, 3)`` pixels, on their
+    device: scaled, channels in ``pixel_order``, normalised, and (torchvision weights) resized to
+    ``input_size`` with bilinear ``F.interpolate`` (align_corners=False), as ``GeneralizedRCNNTransform`` does
+    on the model's device."""
     with torch.no_grad():
-        if spec.resize == "torchvision":
-            tensor = _normalised(rgb, spec)
-            if resize:
-                tensor = F.interpolate(
-                    tensor[None], size=(new_height, new_width), mode="bilinear", align_corners=False
-                )[0]
-        else:
-            if resize:
-                resample = Image.Resampling.BILINEAR
-                rgb = np.asarray(Image.fromarray(rgb).resize((new_width, new_height), resample))
-            tensor = _normalised(rgb, spec)
-    return PreparedImage(tensor=tensor, input_height=new_height, input_width=new_width, scale=scale)
+        channels = pixels.permute(2, 0, 1)
+        if spec.pixel_order == "BGR":
+            channels = channels.flip(0)
+        tensor = channels.to(torch.float32, memory_format=torch.contiguous_format)
+        divisor = 255.0 / spec.value_range
+        if divisor != 1.0:
+            tensor.div_(divisor)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=tensor.device)[:, None, None]
+        std = torch.tensor(spec.std, dtype=torch.float32, device=tensor.device)[:, None, None]
+        tensor.sub_(mean).div_(std)
+        if tuple(tensor.shape[1:]) != tuple(input_size):
+            tensor = F.interpolate(tensor[None], size=input_size, mode="bilinear", align_corners=False)[0]
+    return tensor
 
 
 def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -195,19 +229,3 @@ def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if (height, width) == (current_height, current_width):
         return tensor
     return F.pad(tensor, (0, width - current_width, 0, height - current_height))
-
-
-def _normalised(rgb: np.ndarray, spec: Preprocessing) -> torch.Tensor:
-    """``(x * value_range / 255 - mean) / std`` as float32 ``(3, H, W)`` in ``spec.pixel_order``."""
-    channels = rgb.transpose(2, 0, 1)  # a view
-    if spec.pixel_order == "BGR":
-        channels = channels[::-1]  # still a view
-    # One copy does the dtype change, the channel order and the layout, and owns writable memory (a
-    # read-only input such as np.asarray(PIL image) would make torch.from_numpy warn).
-    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
-    divisor = 255.0 / spec.value_range
-    if divisor != 1.0:
-        tensor.div_(divisor)
-    mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
-    return tensor.sub_(mean).div_(std)

@@ -4,7 +4,7 @@ cutting each image's valid region out of a padded batch's outputs."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,11 @@ import torch
 from .layers import fold_norms
 from .shapes import map_size
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": None,
+}  # fmt: skip
+"""Autocast dtype of each ``--precision``. ``fp32`` is IEEE fp32 everywhere (CUDA's TF32 kept off); ``tf32``
+lets CUDA convolutions and matmuls use TF32 (faster, ~1e-3 relative); on the CPU it is fp32."""
 FLOAT16_MAX = 65504.0
 
 
@@ -24,12 +28,27 @@ def optimize_for_inference(model: torch.nn.Module, *, channels_last: bool = True
     return model
 
 
-def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to ``precision`` (a key of :data:`PRECISIONS`, checked by the caller's options); fp32: nothing."""
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
+    """Run in ``precision`` (a key of :data:`PRECISIONS`, checked by the caller's options): autocast for bf16 and
+    fp16; on CUDA, TF32 switched on for ``tf32`` only and off otherwise (PyTorch allows it for convolutions by
+    default, which changes fp32 results around 1e-3), and put back as it was afterwards."""
+    device_type = torch.device(device).type
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    with _tf32(precision == "tf32") if device_type == "cuda" else contextlib.nullcontext():
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            yield
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = conv.allow_tf32, matmul.allow_tf32
+    conv.allow_tf32 = matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        conv.allow_tf32, matmul.allow_tf32 = saved
 
 
 def cpu_has_native_bf16() -> bool:
@@ -57,14 +76,23 @@ def forward(model: torch.nn.Module, batch: torch.Tensor, precision: str = "fp32"
 
     fp16 overflows at 65504, where fp32 does not: rather than store inf or NaN, the batch is run again in
     fp32 (and the caller is told), so reduced precision never gives non-finite values fp32 would not give.
+    A channels_last model takes the batch in either layout (its first convolution converts it).
     """
-    if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and batch.dim() == 4:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    with autocast(batch.device, precision):
-        outputs = model(batch)
-    if PRECISIONS[precision] is not None and not all(bool(torch.isfinite(t).all()) for t in outputs.values()):
-        return ForwardResult({k: v.float() for k, v in model(batch).items()}, fell_back_to_fp32=True)
+    outputs = run_model(model, batch, precision)
+    if PRECISIONS[precision] is not None and not bool(all_finite(outputs)):
+        return ForwardResult(run_model(model, batch, "fp32"), fell_back_to_fp32=True)
     return ForwardResult(outputs)
+
+
+def run_model(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
+    """``model(batch)`` in ``precision``, without the overflow check (outputs of bf16/fp16 may be half floats)."""
+    with torch.no_grad(), autocast(batch.device, precision):
+        return model(batch)
+
+
+def all_finite(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A 0-d boolean tensor on the outputs' device: no NaN or inf anywhere (reading it waits for the device)."""
+    return torch.stack([torch.isfinite(tensor).all() for tensor in outputs.values()]).all()
 
 
 def valid_regions(
@@ -73,21 +101,34 @@ def valid_regions(
     input_size: tuple[int, int],
     strides: Mapping[str, int],
     dtype: torch.dtype,
-) -> tuple[dict[str, torch.Tensor], int]:
+    may_overflow: Collection[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Image ``index``'s maps at the levels of ``strides``, cut to its unpadded input and cast to ``dtype``.
 
     Each level keeps ``map_size(*input_size, stride)``: the part of the padded batch's map that covers the
-    image. The cast happens where the outputs are (on the device). Values beyond float16's range are clamped
-    to +-65504 rather than stored as inf; returns the crops and how many values were clamped.
+    image, as a contiguous ``(C, h, w)`` tensor made in one pass where the outputs are (on the device). For
+    float16, values beyond its range are stored as +-65504 rather than inf (NaN stays NaN), at the levels in
+    ``may_overflow`` (default: all; see :func:`float16_overflows`). Returns the crops and a 0-d tensor counting
+    the values that became +-65504 that way (read it when the device is done).
     """
-    crops, clamped = {}, 0
+    crops, clamped = {}, []
     for name, stride in strides.items():
         height, width = map_size(*input_size, stride)
-        region = outputs[name][index, :, :height, :width].float()
-        if dtype == torch.float16:
-            overflow = region.abs() > FLOAT16_MAX
-            if bool(overflow.any()):
-                clamped += int(overflow.sum())
-                region = region.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        crops[name] = region.to(dtype).contiguous()
-    return crops, clamped
+        region = outputs[name][index, :, :height, :width].to(dtype, memory_format=torch.contiguous_format)
+        if dtype == torch.float16 and (may_overflow is None or name in may_overflow):
+            clamped.append(torch.isinf(region).sum())
+            region.nan_to_num_(nan=float("nan"), posinf=FLOAT16_MAX, neginf=-FLOAT16_MAX)
+        crops[name] = region
+    device = next(iter(outputs.values())).device
+    return crops, torch.stack(clamped).sum() if clamped else torch.zeros((), dtype=torch.int64, device=device)
+
+
+def float16_overflows(outputs: Mapping[str, torch.Tensor]) -> set[str]:
+    """The levels of a batch holding a value float16 cannot hold (or NaN): one fast min/max pass each, so that
+    the crops of the other levels skip the overflow handling. Reads the values (waits for the device)."""
+    found = set()
+    for name, tensor in outputs.items():
+        low, high = torch.aminmax(tensor)
+        if not (-FLOAT16_MAX <= float(low) and float(high) <= FLOAT16_MAX):  # False for NaN too
+            found.add(name)
+    return found

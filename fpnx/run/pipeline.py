@@ -7,28 +7,31 @@ padded size, so an image's features never depend on its batch mates.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import Interrupted
-from ..loader import ImageLoader, LoadedImage, LoadOptions, batches
-from ..models import FeaturePyramid, build_model, forward, optimize_for_inference, resolve_device, valid_regions
+from ..loader import Batches, ImageLoader, LoadedImage, LoadOptions, default_window
+from ..models import FeaturePyramid, build_model, optimize_for_inference, resolve_device, valid_regions
+from ..models.inference import PRECISIONS, all_finite, float16_overflows, run_model
 from ..options import ExtractOptions, check_output, run_metadata
-from ..preprocess import pad_image, padded_size
 from ..report.levels import level_reports
 from ..sources import discover
 from ..store import FeatureWriter, ImageRecord
-from ..store.background import BackgroundWriter
+from ..store.background import WRITE_QUEUE, BackgroundWriter
 from ..store.shards import SHARD_KEY, prepare_shard
 from .progress import Progress, progress_reporter
+from .staging import CudaStage, HostStage, max_output_bytes
 from .summary import ExtractSummary
 
 
@@ -70,13 +73,21 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     ) as writer:
         finished = writer.done_sources | done_before  # failures are finished too, but worth another try
         todo = [image for image in images if image.source not in finished]
-        run = ExtractRun(model, device, options, levels, writer, len(todo))
-        workers = default_workers(device) if options.workers is None else options.workers
-        loader = ImageLoader(todo, LoadOptions(spec, options.max_pixels, options.allow_truncated), workers=workers,
-                             prefetch=max(2 * workers, options.batch_size * 2))
+        loader = _loader(todo, spec, options, device)
+        run = ExtractRun(model, device, options, levels, writer, len(todo), loader)
         run.process_all(loader)
     run.timings["total"] = time.perf_counter() - started
     return run.summary(str(target), len(images), len(images) - len(todo), discovery.skipped)
+
+
+def _loader(todo, spec, options: ExtractOptions, device: torch.device) -> ImageLoader:
+    """Workers that finish the preprocessing on the CPU, or only decode for a GPU, handing images over through
+    enough shared-memory slots for every image in flight, waiting for batch mates, or in the batch running."""
+    workers = default_workers(device) if options.workers is None else options.workers
+    prefetch = max(2 * workers, options.batch_size * 2)
+    load = LoadOptions(spec, options.max_pixels, options.allow_truncated, finish_here=device.type != "cuda")
+    slots = prefetch + default_window(options.batch_size) + 2 * options.batch_size
+    return ImageLoader(todo, load, workers=workers, prefetch=prefetch, slots=slots)
 
 
 def default_workers(device: torch.device) -> int:
@@ -85,33 +96,66 @@ def default_workers(device: torch.device) -> int:
     return 1 if device.type == "cpu" else max(1, min(8, cores - 1))
 
 
+@dataclass
+class _Launched:
+    """A batch whose forward was started; on CUDA its overflow check is read one batch later."""
+
+    batch: list[LoadedImage]
+    inputs: torch.Tensor
+    outputs: dict[str, torch.Tensor]
+    finite: torch.Tensor | None
+    started: float
+    events: tuple | None  # CUDA: events before preprocessing, before the forward
+
+
 class ExtractRun:
     """One extraction in progress: batches through the model, crops to the writer thread, counters, timings."""
 
     def __init__(self, model: FeaturePyramid, device: torch.device, options: ExtractOptions, levels: list[str],
-                 writer: FeatureWriter, total: int) -> None:
+                 writer: FeatureWriter, total: int, loader: ImageLoader) -> None:
         self.model = model
         self.device = device
         self.options = options
         self.levels = levels
-        self.strides = {name: model.output_shape()[name].stride for name in levels}
+        shapes = model.output_shape()
+        self.strides = {name: shapes[name].stride for name in levels}
+        self.channels = {name: shapes[name].channels for name in levels}
         self.writer = writer
         self.total = total
         self.fp32_fallbacks = 0
-        self.float16_clamped = 0
+        self.batch_fill = 1.0
         self.timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
         self.started = time.perf_counter()
+        self._clamped: list[torch.Tensor] = []
+        self._gpu_spans: list[tuple] = []
+        self._launched: collections.deque[_Launched] = collections.deque()
         self._report = progress_reporter(options.progress, total)
         self._output = BackgroundWriter(writer, self._written)
+        self.stage = self._stage(loader)
+        self._compute_threads = torch.get_num_threads()
+
+    def _stage(self, loader: ImageLoader) -> HostStage | CudaStage:
+        if self.device.type != "cuda":
+            return HostStage(loader, self.model.size_divisibility)
+        spec = loader.options.preprocessing
+        output_bytes = max_output_bytes(spec, self.strides, self.channels, np.dtype(self.options.dtype).itemsize)
+        return CudaStage(loader, self.device, spec, self.model.size_divisibility, output_bytes,
+                         buffers=self.options.batch_size * 2 + WRITE_QUEUE + 2)
 
     def process_all(self, loader: ImageLoader) -> None:
         """Every image of ``loader`` into the store, then finalize it; Ctrl-C/SIGTERM keep what is finished."""
-        with _sigterm_as_interrupt() as received:
+        batches = Batches(loader, self.options.batch_size, self.model.size_divisibility, self._failed)
+        # the host's own work (batches, crops) on one thread: tiny tensor operations spread over busy cores wait on
+        # each other; the forward alone uses every thread
+        with _sigterm_as_interrupt() as received, _threads(1):
             try:
                 try:
-                    for batch in batches(loader, self.options.batch_size, self.model.size_divisibility,
-                                         self._failed):
-                        self._run_batch(batch)
+                    for batch in batches:
+                        self._launched.append(self._launch(batch))
+                        while len(self._launched) > (1 if self.device.type == "cuda" else 0):
+                            self._complete(self._launched.popleft())
+                    while self._launched:
+                        self._complete(self._launched.popleft())
                 finally:
                     # also after an error or Ctrl-C: what is queued is finished work, and the writer thread must
                     # be done with the writer before anyone commits or closes it
@@ -127,9 +171,71 @@ class ExtractRun:
                 ) from None
             finally:
                 loader.close()  # workers stop now, also after an error, not when the generator is collected
+                self.batch_fill = batches.fill
+        self._settle_device_counts()
+
+    def _launch(self, batch: list[LoadedImage]) -> _Launched:
+        """Preprocessing left to the device, and the forward, started (on CUDA: queued, not waited for)."""
+        for item in batch:
+            self.timings["decode"] += item.decode_s
+            self.timings["preprocess"] += item.preprocess_s
+        started = time.perf_counter()
+        events = self._events(2)
+        inputs = self.stage.inputs(batch)
+        if events:
+            events[1].record()
+        with _threads(self._compute_threads):
+            outputs = run_model(self.model, inputs, self.options.precision)
+        reduced = PRECISIONS[self.options.precision] is not None
+        return _Launched(batch, inputs, outputs, all_finite(outputs) if reduced else None, started, events)
+
+    def _complete(self, launched: _Launched) -> None:
+        """Overflow check (fp32 again if needed), crops cast on the device, on their way to the writer thread."""
+        outputs = launched.outputs
+        if launched.finite is not None and not bool(launched.finite):
+            with _threads(self._compute_threads):
+                outputs = run_model(self.model, launched.inputs, "fp32")
+            self.fp32_fallbacks += 1
+        may_overflow = None  # on a GPU every crop takes the overflow pass: it costs less than a synchronisation
+        if self.device.type == "cpu":
+            stored = {name: outputs[name] for name in self.strides}
+            may_overflow = float16_overflows(stored) if self.options.store_dtype == torch.float16 else set()
+        crops = []
+        for index, item in enumerate(launched.batch):
+            regions, clamped = valid_regions(outputs, index, (item.input_height, item.input_width), self.strides,
+                                             self.options.store_dtype, may_overflow)
+            crops.append(regions)
+            self._clamped.append(clamped)
+        features = self.stage.to_host(crops)
+        self.stage.release(launched.batch)
+        if launched.events:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+            self._gpu_spans.append((*launched.events, done))
+        else:
+            self.timings["model"] += time.perf_counter() - launched.started
+        for item, host in zip(launched.batch, features):
+            record = ImageRecord(item.origin.source, item.height, item.width, item.input_height, item.input_width,
+                                 item.scale)
+            self._output.add(record, host.arrays, ready=host.ready, done=host.done)
+
+    def _events(self, count: int) -> tuple | None:
+        if self.device.type != "cuda":
+            return None
+        events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(count))
+        events[0].record()
+        return events
+
+    def _settle_device_counts(self) -> None:
+        """Counts and GPU times kept on the device during the run, read once at its end."""
+        if self._gpu_spans:
+            torch.cuda.synchronize(self.device)
+            for before, forward, done in self._gpu_spans:
+                self.timings["preprocess"] += before.elapsed_time(forward) / 1000
+                self.timings["model"] += forward.elapsed_time(done) / 1000
+        self.float16_clamped = int(sum(int(count) for count in self._clamped))
 
     def summary(self, out: str, found: int, already_done: int, skipped: list[tuple[str, str]]) -> ExtractSummary:
-        shapes = self.model.output_shape()
         return ExtractSummary(
             out=out,
             weights=self.model.weights.to_dict(),
@@ -141,44 +247,17 @@ class ExtractRun:
             images_stored=self._output.stored,
             failures=self._output.failures,
             skipped=skipped,
-            levels=level_reports(self._output.input_sizes, self.strides,
-                                 {name: shapes[name].channels for name in self.levels},
+            levels=level_reports(self._output.input_sizes, self.strides, self.channels,
                                  np.dtype(self.options.dtype).itemsize),
             timings=self.timings,
             fp32_fallbacks=self.fp32_fallbacks,
             float16_clamped=self.float16_clamped,
+            mean_batch_fill=self.batch_fill,
         )
 
     def _failed(self, item: LoadedImage) -> None:
         self.timings["decode"] += item.decode_s
         self._output.add_failure(item.origin.source, item.error)
-
-    def _run_batch(self, batch: list[LoadedImage]) -> None:
-        for item in batch:
-            self.timings["decode"] += item.decode_s
-            self.timings["preprocess"] += item.preprocess_s
-        height, width = padded_size(batch[0].input_height, batch[0].input_width, self.model.size_divisibility)
-        pixels = torch.stack([pad_image(torch.from_numpy(item.pixels), height, width) for item in batch])
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        else:
-            pixels = pixels.to(self.device)
-        start = time.perf_counter()
-        result = forward(self.model, pixels, self.options.precision)
-        self.fp32_fallbacks += int(result.fell_back_to_fp32)
-        crops = []
-        for index, item in enumerate(batch):
-            regions, clamped = valid_regions(result.outputs, index, (item.input_height, item.input_width),
-                                             self.strides, self.options.store_dtype)
-            self.float16_clamped += clamped
-            crops.append({name: region.to("cpu", non_blocking=True) for name, region in regions.items()})
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings["model"] += time.perf_counter() - start
-        for item, features in zip(batch, crops):
-            record = ImageRecord(item.origin.source, item.height, item.width, item.input_height, item.input_width,
-                                 item.scale)
-            self._output.add(record, {name: region.numpy() for name, region in features.items()})
 
     def _written(self) -> None:
         """In the writer thread, after each image or failure."""
@@ -191,6 +270,16 @@ class ExtractRun:
             self._output.stop()
         finally:
             self._report(None)
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ class ExtractSummary:
     timings: dict[str, float]
     fp32_fallbacks: int = 0
     float16_clamped: int = 0
+    mean_batch_fill: float = 1.0  # images per batch over --batch-size, averaged over the batches
 
     @property
     def images_per_s(self) -> float:
@@ -75,6 +76,7 @@ def combine_summaries(
         levels=levels,
         timings=timings,
         fp32_fallbacks=sum(s.fp32_fallbacks for s in summaries),
+        mean_batch_fill=_weighted_fill(summaries),
         float16_clamped=sum(s.float16_clamped for s in summaries),
     )
 
@@ -94,3 +96,8 @@ def _combine_level(reports: Sequence[LevelReport], weights: Sequence[int]) -> Le
         median_hw=sorted(medians, key=area)[len(medians) // 2] if medians else tuple(first.median_hw),
         bytes=sum(r.bytes for r in reports),
     )
+
+
+def _weighted_fill(summaries: Sequence[ExtractSummary]) -> float:
+    stored = sum(s.images_stored for s in summaries)
+    return sum(s.mean_batch_fill * s.images_stored for s in summaries) / stored if stored else 1.0

@@ -17,11 +17,13 @@ import numpy as np
 from .schema import ImageRecord
 from .writer import FeatureWriter
 
+WRITE_QUEUE = 4  # images waiting for the writer thread
+
 
 class BackgroundWriter:
     """Adds images and failures to ``writer`` in a thread; ``on_written`` is called there after each one."""
 
-    def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = 4) -> None:
+    def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = WRITE_QUEUE) -> None:
         self.writer = writer
         self.stored = 0
         self.failures: list[tuple[str, str]] = []
@@ -33,8 +35,11 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._loop, name="fpnx-writer", daemon=True)
         self._thread.start()
 
-    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray]) -> None:
-        self._put((record, features))
+    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray], *, ready: Callable[[], None] | None = None,
+            done: Callable[[], None] | None = None) -> None:
+        """Queue one image; in the thread, ``ready()`` (e.g. waiting for a device's copy into ``features``) comes
+        before writing and ``done()`` (e.g. giving the buffers back) after it, whatever happened."""
+        self._put((record, features, ready, done))
 
     def add_failure(self, source: str, reason: str) -> None:
         self._put((source, reason))
@@ -65,10 +70,7 @@ class BackgroundWriter:
             start = time.perf_counter()
             try:
                 if isinstance(item[0], ImageRecord):
-                    record, features = item
-                    self.writer.add(record, features)
-                    self.stored += 1
-                    self.input_sizes.append((record.input_height, record.input_width))
+                    self._write(*item)
                 else:
                     self.writer.add_failure(*item)
                     self.failures.append(item)
@@ -76,3 +78,14 @@ class BackgroundWriter:
                 self._error = error
             self.seconds += time.perf_counter() - start
             self._on_written()
+
+    def _write(self, record: ImageRecord, features: Mapping[str, np.ndarray], ready, done) -> None:
+        try:
+            if ready is not None:
+                ready()
+            self.writer.add(record, features)
+        finally:
+            if done is not None:
+                done()
+        self.stored += 1
+        self.input_sizes.append((record.input_height, record.input_width))

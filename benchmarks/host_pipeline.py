@@ -1,0 +1,198 @@
+"""The host side of ``fpnx.extract`` alone: everything but the network, against the limits of this machine.
+
+    python benchmarks/host_pipeline.py --images 48
+
+Rates are marginal (extract of all images minus extract of the first quarter), so start-up costs cancel.
+The network is replaced by a stub (a real fpnx model, passed through the public ``model=`` argument, whose
+forward returns preallocated outputs of the right shapes at once), so what is timed is decoding, resizing,
+batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output, disk-bound; float16
+P5-P6: small output, CPU-bound) is compared with limits measured in the same run, on the same files and disk:
+
+- one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066), and from them
+  the CPU limit of decode+resize on all cores: ``cores / (decode s + resize s per image)``;
+- raw sequential write + fsync of the same bytes (``numpy.tofile``) in the output's folder, measured before and
+  after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference).
+
+Ratios are the result; absolute rates on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import fpnx
+from fpnx.models import FeaturePyramid, map_size
+from fpnx.models.weights import random_weights
+from fpnx.preprocess import padded_size, prepare_image, resized_size
+from fpnx.sources import decode_image
+
+CONFIGS = {"dense": ("p2", "p3", "p4", "p5", "p6"), "small": ("p5", "p6")}
+
+
+class StubPyramid(FeaturePyramid):
+    """An fpnx model whose forward returns preallocated outputs of the right shapes: the network costs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(random_weights())
+        self.eval().requires_grad_(False)
+        self._outputs: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = (x.shape[0], x.shape[2], x.shape[3], x.device)
+        if key not in self._outputs:
+            generator = torch.Generator().manual_seed(0)
+            self._outputs[key] = {
+                name: torch.randn(x.shape[0], info.channels, *map_size(x.shape[2], x.shape[3], info.stride),
+                                  generator=generator).to(x.device)
+                for name, info in self.output_shape().items()
+            }
+        return self._outputs[key]
+
+
+def make_jpegs(folder: Path, count: int) -> list[Path]:
+    """640x480 JPEGs of smooth random content (quality 90), distinct per file."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:480, 0:640].astype(np.float32)
+    paths = []
+    for index in range(count):
+        a, b, c = rng.uniform(0.005, 0.05, 3)
+        pixels = np.stack([np.sin(rows * a + cols * b), np.cos(cols * c), np.sin((rows + cols) * a * b * 40)], -1)
+        noise = rng.normal(0, 0.08, pixels.shape)
+        image = ((pixels + noise + 1.2) * 100).clip(0, 255).astype(np.uint8)
+        path = folder / f"{index:05d}.jpg"
+        Image.fromarray(image).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def one_core_rates(paths: list[Path], spec) -> tuple[float, float]:
+    """(decode images/s, resize images/s) on one thread, over every file."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decode_s, resize_s = [], []
+        for path in paths:
+            start = time.perf_counter()
+            rgb = decode_image(str(path)).rgb
+            decoded = time.perf_counter()
+            prepare_image(rgb, spec)
+            decode_s.append(decoded - start)
+            resize_s.append(time.perf_counter() - decoded)
+    finally:
+        torch.set_num_threads(threads)
+    return 1 / statistics.median(decode_s), 1 / statistics.median(resize_s)
+
+
+def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
+    """Images/s of writing ``count`` images' bytes sequentially with numpy.tofile, then fsync, in ``folder``."""
+    block = np.random.default_rng(1).integers(0, 255, bytes_per_image, dtype=np.uint8)
+    path = folder / "raw-write.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as file:
+        for _ in range(count):
+            block.tofile(file)
+        file.flush()
+        os.fsync(file.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return count / seconds
+
+
+def timed_extract(paths: list[Path], out: Path, levels, args) -> tuple[float, object]:
+    start = time.perf_counter()
+    summary = fpnx.extract(
+        [str(path) for path in paths], out, model=StubPyramid(), levels=list(levels), dtype="float16",
+        min_size=args.min_size, max_size=args.max_size, batch_size=args.batch_size, workers=args.workers,
+        device="cpu", overwrite=True,
+    )
+    assert summary.images_stored == len(paths), summary.failures
+    return time.perf_counter() - start, summary
+
+
+def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per_image: int) -> dict:
+    """Marginal rate: extracts of the first quarter and of all images; start-up costs cancel out."""
+    first = max(1, len(paths) // 4)
+    out = work / f"{name}.h5"
+    before = raw_write_rate(work, bytes_per_image, len(paths))
+    short, _ = timed_extract(paths[:first], out, levels, args)
+    out.unlink()
+    wall, summary = timed_extract(paths, out, levels, args)
+    size = out.stat().st_size
+    out.unlink()
+    after = raw_write_rate(work, bytes_per_image, len(paths))
+    count = len(paths)
+    per_image = {stage: 1000 * summary.timings[stage] / count for stage in ("decode", "preprocess", "model", "write")}
+    return {
+        "config": name, "levels": list(levels), "images": count, "wall_s": wall, "wall_s_first": short,
+        "first": first, "images_per_s": (count - first) / (wall - short), "images_per_s_with_start": count / wall,
+        "file_bytes": size, "write_mb_per_s": size * (count - first) / count / (wall - short) / 1e6,
+        "ms_per_image": per_image, "timings_s": summary.timings, "raw_write_images_per_s": [before, after],
+        "mean_batch_fill": summary.mean_batch_fill,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--min-size", type=int, default=800)
+    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: one per core: the stub network leaves the cores free)")
+    parser.add_argument("--configs", default="dense,small")
+    parser.add_argument("--workdir", default=None, help="folder on the disk to measure (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        folder = work / "images"
+        folder.mkdir()
+        paths = make_jpegs(folder, args.images)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.workers = cores if args.workers is None else args.workers
+        spec = StubPyramid().preprocessing.replace(min_size=args.min_size, max_size=args.max_size)
+        height, width, _ = resized_size(480, 640, spec)
+        decode_rate, resize_rate = one_core_rates(paths, spec)
+        cpu_limit = cores / (1 / decode_rate + 1 / resize_rate)
+        print(f"{args.images} JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
+              f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image; "
+              f"CPU limit on {cores} cores {cpu_limit:.1f} images/s", flush=True)
+        results = []
+        for name in args.configs.split(","):
+            levels = CONFIGS[name]
+            bytes_per_image = sum(256 * np.prod(map_size(height, width, 2 ** int(level[1]))) * 2 for level in levels)
+            result = run_config(name, levels, paths, work, args, int(bytes_per_image))
+            raw = statistics.mean(result["raw_write_images_per_s"])
+            result.update(bytes_per_image=int(bytes_per_image), raw_write_images_per_s_mean=raw,
+                          ratio_to_raw_write=result["images_per_s"] / raw, cpu_limit_images_per_s=cpu_limit,
+                          ratio_to_cpu_limit=result["images_per_s"] / cpu_limit)
+            results.append(result)
+            stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_image"].items())
+            print(f"{name:5s} {'-'.join(levels)} float16, {bytes_per_image / 1e6:.1f} MB/image: "
+                  f"{result['images_per_s']:.2f} images/s marginal ({result['images_per_s_with_start']:.2f} with "
+                  f"start-up), {result['write_mb_per_s']:.0f} MB/s written; "
+                  f"ms/image {stages}; raw write {raw:.2f} images/s "
+                  f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "
+                  f"{result['ratio_to_raw_write']:.2f} of raw write, {result['ratio_to_cpu_limit']:.2f} of CPU limit",
+                  flush=True)
+    report = {"decode_images_per_s_one_core": decode_rate, "resize_images_per_s_one_core": resize_rate,
+              "cores": cores, "cpu_limit_images_per_s": cpu_limit, "results": results,
+              "torch": torch.__version__, "python": sys.version.split()[0]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Worker processes that decode and preprocess images in input order, with bounded prefetch.
+
+A decoder that raises costs its image a failure record; a decoder that crashes its process (a segfault, the
+OOM killer) is found by re-running the images that were in flight one at a time, and costs only that image.
+Images come back through shared-memory slots (:mod:`fpnx.loader.slots`).
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from ..sources import ImageSource
+from .load import LoadedImage, LoadOptions, load_image
+from .slots import SharedSlots, SlotRef, write_into_slot
+
+
+def _ping() -> bool:
+    return True
+
+
+def _worker_init() -> None:
+    # workers share the machine with the model: one thread each
+    torch.set_num_threads(1)
+    # A terminal's Ctrl-C reaches the whole process group: the main process stops the run and shuts the pool
+    # down, so workers ignore it (no half-done task, no traceback from every worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A main process killed outright (kill -9, the OOM killer) cannot shut the pool down: leave with it.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), name="fpnx-parent", daemon=True).start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the parent process is gone
+    os._exit(1)
+
+
+LoadFunction = Callable[[ImageSource, LoadOptions], LoadedImage]
+
+
+def _load_into_slot(load: LoadFunction, image: ImageSource, options: LoadOptions, slot: SlotRef | None) -> LoadedImage:
+    """The task a worker runs: ``load`` the image, then hand its pixels over through ``slot``."""
+    return write_into_slot(load(image, options), slot, options.preprocessing.size_divisibility)
+
+
+class ImageLoader:
+    """Iterates :class:`LoadedImage` in the order of ``images``; ``workers=0`` loads in this process.
+
+    ``load`` decodes one image (default :func:`load_image`); another must be a module-level function, so that
+    worker processes can import it (tests use this to simulate decoders that crash). Crash isolation needs
+    workers: with ``workers=0`` a crashing decoder takes this process with it. With ``slots`` > 0, workers hand
+    images over through that many shared-memory slots: call :meth:`release` with each image once its pixels are
+    no longer needed (an image never released keeps its slot, and later images travel the ordinary way).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[ImageSource],
+        options: LoadOptions,
+        *,
+        workers: int = 1,
+        prefetch: int = 8,
+        load: LoadFunction = load_image,
+        slots: int = 0,
+    ):
+        self.images = list(images)
+        self.options = options
+        self.load = load
+        self.workers = workers
+        self.prefetch = max(prefetch, workers)
+        self.crashes = 0
+        self._pool: ProcessPoolExecutor | None = None
+        self._wanted_slots = slots
+        self._slots: SharedSlots | None = None
+
+    def __iter__(self) -> Iterator[LoadedImage]:
+        pending: collections.deque[tuple[ImageSource, SlotRef | None, Future]] = collections.deque()
+        upcoming = iter(self.images)
+        try:
+            while True:
+                while len(pending) < self.prefetch and (image := next(upcoming, None)) is not None:
+                    pending.append((image, *self._submit(image)))
+                if not pending:
+                    return
+                image, slot, future = pending.popleft()
+                try:
+                    yield self._received(future.result(), slot)
+                except BrokenProcessPool:
+                    # the crash hit every image in flight; find the culprit by running them one by one
+                    in_flight = [(image, slot)] + [(queued, taken) for queued, taken, _ in pending]
+                    pending.clear()
+                    self._stop_pool()
+                    for queued, taken in in_flight:
+                        self._release_slot(taken)
+                        yield self._load_isolated(queued)
+        finally:
+            self.close()
+
+    @property
+    def slot_bytes(self) -> int | None:
+        """The size of a shared-memory slot, once workers use them."""
+        return self._slots.slot_bytes if self._slots is not None else None
+
+    def release(self, item: LoadedImage) -> None:
+        """``item``'s slot may be reused: its pixels will not be read again."""
+        if item.slot is not None and self._slots is not None:
+            self._slots.release(item.slot)
+        item.slot = None
+
+    def _received(self, item: LoadedImage, slot: SlotRef | None) -> LoadedImage:
+        if item.slot is None:  # handed over the ordinary way
+            self._release_slot(slot)
+            return item
+        return self._slots.receive(item)
+
+    def _release_slot(self, slot: SlotRef | None) -> None:
+        if slot is not None and self._slots is not None:
+            self._slots.release(slot.index)
+
+    def _submit(self, image: ImageSource) -> tuple[SlotRef | None, Future]:
+        if self._pool is None and self.workers > 0:
+            self._pool = self._start_pool()
+        if self._pool is None:
+            future: Future = Future()
+            future.set_result(self.load(image, self.options))
+            return None, future
+        if self._slots is None and self._wanted_slots > 0:
+            self._slots = SharedSlots.for_options(self.options, self._wanted_slots)
+            self._wanted_slots = 0
+        slot = self._slots.take() if self._slots is not None else None
+        return slot, self._pool.submit(_load_into_slot, self.load, image, self.options, slot)
+
+    def _start_pool(self) -> ProcessPoolExecutor | None:
+        """A pool whose workers are known to start; None (decode here) where they cannot."""
+        # spawn, not fork: forking a process that holds torch's thread pools can deadlock
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        try:
+            pool.submit(_ping).result(timeout=300)
+        except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
+            pool.shutdown(wait=False, cancel_futures=True)
+            warnings.warn(f"worker processes cannot start here ({type(error).__name__}); decoding in this process")
+            self.workers = 0
+            return None
+        return pool
+
+    def _load_isolated(self, image: ImageSource) -> LoadedImage:
+        slot, future = self._submit(image)
+        try:
+            return self._received(future.result(), slot)
+        except BrokenProcessPool:
+            self.crashes += 1
+            self._stop_pool()
+            self._release_slot(slot)
+            return LoadedImage(image, error="the decoder crashed (its worker process died)")
+
+    def close(self) -> None:
+        """Stop the workers and free the slots (arrays already handed out stay valid)."""
+        self._stop_pool()
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
