@@ -231,3 +231,24 @@ def test_real_subprocess(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or directory"]
     assert shutil.which("fpnx"), "the console script is installed"
+
+
+def test_float16_output_beyond_its_range_is_clamped_and_counted(tmp_path):
+    model = fpnx.build_model("random")
+    with torch.no_grad():  # P3 alone overflows float16 (the top-down path feeds P2, not P4)
+        model.output_convs["p3"].weight.mul_(1e8)
+    summary = fpnx.extract([SAMPLES], tmp_path / "f.h5", model=model, dtype="float16", levels=["p3", "p4"],
+                           workers=0, **SIZES)
+    assert summary.float16_clamped > 0
+    with fpnx.open_features(tmp_path / "f.h5") as reader:
+        for i in range(len(reader)):
+            p3, p4 = reader[i]["p3"], reader[i]["p4"]
+            assert np.isfinite(p3).all() and np.abs(p3).max() == 65504
+            assert np.isfinite(p4).all() and np.abs(p4).max() < 100
+
+
+def test_summary_reports_the_mean_batch_fill(tmp_path):
+    summary = fpnx.extract([SAMPLES], tmp_path / "f.h5", weights="random", batch_size=2, workers=0, **SIZES)
+    # at 128/224 two photos pad to 128x128 and three to 128x192: batches of 2, 2 and 1
+    assert summary.mean_batch_fill == pytest.approx(5 / 6)
+    assert summary.to_dict()["mean_batch_fill"] == summary.mean_batch_fill

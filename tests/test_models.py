@@ -269,3 +269,44 @@ def test_random_weights_leave_the_callers_random_state_alone():
         fpnx.build_model("random", depth=18, seed=7)
         draws.append(torch.rand(4))
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_float16_storage_clamps_what_it_cannot_hold_and_counts_it():
+    from fpnx.models import valid_regions
+    from fpnx.models.inference import FLOAT16_MAX, float16_overflows
+
+    outputs = {"p2": torch.zeros(2, 4, 8, 8), "p3": torch.ones(2, 4, 4, 4)}
+    outputs["p2"][1, 0, 0, 0] = 1e6
+    outputs["p2"][1, 1, 1, 1] = -float("inf")
+    outputs["p2"][1, 2, 2, 2] = float("nan")
+    outputs["p2"][1, 3, 7, 7] = 1e9  # outside the crop below: neither stored nor counted
+    assert float16_overflows(outputs) == {"p2"}
+    strides = {"p2": 4, "p3": 8}
+    for may_overflow in (None, float16_overflows(outputs)):
+        crops, clamped = valid_regions(outputs, 1, (20, 24), strides, torch.float16, may_overflow)
+        p2 = crops["p2"]
+        assert p2.shape == (4, 5, 6) and p2.dtype == torch.float16 and p2.is_contiguous()
+        assert p2[0, 0, 0] == FLOAT16_MAX and p2[1, 1, 1] == -FLOAT16_MAX and torch.isnan(p2[2, 2, 2])
+        assert int(clamped) == 2
+        assert torch.equal(crops["p3"], torch.ones(4, 3, 3, dtype=torch.float16))
+    crops, clamped = valid_regions(outputs, 1, (20, 24), strides, torch.float32)
+    assert crops["p2"][0, 0, 0] == 1e6 and int(clamped) == 0
+
+
+def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
+    """PyTorch lets cuDNN use TF32 for fp32 convolutions by default (about 1e-3 off): fpnx's fp32 is IEEE fp32."""
+    from fpnx.models import autocast
+
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = conv.allow_tf32, matmul.allow_tf32
+    try:
+        conv.allow_tf32 = matmul.allow_tf32 = True
+        with autocast("cuda", "fp32"):
+            assert (conv.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (conv.allow_tf32, matmul.allow_tf32) == (True, True)
+        conv.allow_tf32 = matmul.allow_tf32 = False
+        with autocast("cuda", "tf32"):
+            assert (conv.allow_tf32, matmul.allow_tf32) == (True, True)
+        assert (conv.allow_tf32, matmul.allow_tf32) == (False, False)
+    finally:
+        conv.allow_tf32, matmul.allow_tf32 = saved

@@ -731,3 +731,22 @@ def test_damaged_or_truncated_files_give_one_line_errors(tmp_path, model):
             assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
         else:
             pytest.fail(f"{name} read without error")
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm")
+def test_shared_memory_is_freed_after_a_run_and_after_kill_9(tmp_path):
+    def blocks() -> set[str]:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+    images = folder(tmp_path)
+    photos(images, 12)
+    before = blocks()
+    assert finish(command(images, tmp_path / "done.h5", "--workers", "1")).returncode == 0
+    assert blocks() <= before
+    process = start([*command(images, tmp_path / "out.h5"), "--workers", "1"], tmp_path / "kill.log")
+    wait_for(lambda: committed(tmp_path / "out.h5.parts"), process)
+    kill9(process)
+    deadline = time.monotonic() + 20  # Python's resource tracker unlinks the block once the workers are gone
+    while not blocks() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert blocks() <= before, blocks() - before

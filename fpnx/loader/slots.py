@@ -10,6 +10,7 @@ travels the ordinary way (pickled); slots are a speed-up, never a condition.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -39,7 +40,15 @@ class SharedSlots:
 
     def __init__(self, count: int, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
-        self._memory = shared_memory.SharedMemory(create=True, size=max(1, count * slot_bytes))
+        size = max(1, count * slot_bytes)
+        # Created (and registered for clean-up if this process dies) by SharedMemory, but read through a mapping
+        # of our own that is never closed explicitly: arrays handed out keep it alive (numpy holds a reference to
+        # the mmap, not a buffer export, so closing it under them would leave them pointing at unmapped memory).
+        self._memory = shared_memory.SharedMemory(create=True, size=size)
+        try:
+            self._map = mmap.mmap(self._memory._fd, size)  # noqa: SLF001 - POSIX: the block's descriptor
+        finally:
+            self._memory.close()
         self._free = collections.deque(range(count))
 
     @classmethod
@@ -48,7 +57,9 @@ class SharedSlots:
         slot_bytes = slot_size(options.preprocessing, options.finish_here)
         budget = SHARED_MEMORY_SHARE * min(_free_bytes("/dev/shm"), _memory_bytes())
         count = min(wanted, int(budget // slot_bytes))
-        return cls(count, slot_bytes) if count >= 1 else None
+        if count < 1 or not hasattr(shared_memory.SharedMemory, "_fd"):
+            return None
+        return cls(count, slot_bytes)
 
     def take(self) -> SlotRef | None:
         return SlotRef(self._memory.name, self._free.popleft(), self.slot_bytes) if self._free else None
@@ -59,17 +70,13 @@ class SharedSlots:
     def receive(self, item: LoadedImage) -> LoadedImage:
         """Point ``item``'s arrays at its slot (see :func:`write_into_slot`)."""
         if item.slot is not None and item.pixels is None:
-            _attach_arrays(item, self._memory.buf, item.slot * self.slot_bytes, item.slot_layout)
+            _attach_arrays(item, self._map, item.slot * self.slot_bytes, item.slot_layout)
         return item
 
     def close(self) -> None:
-        """Free the block. Arrays still pointing into it stay valid until they are gone (the mapping outlives
-        the name), so closing never invalidates what a caller holds."""
+        """Remove the block's name. Its memory is freed with the last array pointing into it, so closing never
+        invalidates what a caller holds."""
         self._memory.unlink()
-        try:
-            self._memory.close()
-        except BufferError:  # views are still alive; the mapping goes with the last of them
-            pass
 
 
 def slot_size(spec: Preprocessing, finished: bool) -> int:

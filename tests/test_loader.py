@@ -1,0 +1,120 @@
+"""fpnx.loader: images handed over through shared memory, the host/device split of preprocessing, batch fill."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import hostile_files as hostile
+from fpnx.loader import Batches, ImageLoader, LoadedImage, LoadOptions, load_image
+from fpnx.loader.slots import SharedSlots
+from fpnx.preprocess import DETECTRON2, TORCHVISION, finish_on_device, padded_size, pixels_tensor, prepare_image
+from fpnx.sources import ImageSource, decode_image
+
+SPEC = TORCHVISION.replace(min_size=64, max_size=96)
+
+
+def shared_blocks() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture()
+def photos(tmp_path) -> list[ImageSource]:
+    sizes = [(48, 64), (60, 40), (33, 77), (48, 64), (100, 30), (64, 64)]
+    sources = []
+    for k, (height, width) in enumerate(sizes):
+        path = hostile.photo(tmp_path / f"{k}.png", height, width, seed=k)
+        sources.append(ImageSource(str(path), path.name))
+    return sources
+
+
+@pytest.mark.parametrize("spec", [SPEC, DETECTRON2.replace(min_size=64, max_size=96)], ids=["torchvision", "detectron2"])
+def test_device_side_preprocessing_is_the_same_operations(photos, spec):
+    """Workers that only decode (for a GPU) plus finish_on_device give bitwise what the CPU path gives (on one
+    thread, as workers run: torch's resize rounds differently when it splits the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_paths(photos, spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_paths(photos, spec):
+    for source in photos:
+        finished = load_image(source, LoadOptions(spec))
+        decoded_only = load_image(source, LoadOptions(spec, finish_here=False))
+        assert decoded_only.pixels.dtype == np.uint8 and decoded_only.pixels.shape[2] == 3
+        assert (decoded_only.input_height, decoded_only.input_width) == (finished.input_height, finished.input_width)
+        done = finish_on_device(pixels_tensor(decoded_only.pixels), spec, (finished.input_height, finished.input_width))
+        assert torch.equal(done, torch.from_numpy(finished.pixels))
+        rgb = decode_image(source.path).rgb
+        assert torch.equal(done, prepare_image(rgb, spec).tensor)
+
+
+def test_images_come_through_shared_memory_equal_and_padded(photos):
+    before = shared_blocks()
+    loader = ImageLoader(photos, LoadOptions(SPEC), workers=2, prefetch=3, slots=8)
+    seen = []
+    for item in loader:
+        reference = load_image(item.origin, LoadOptions(SPEC))
+        assert item.slot is not None, "not handed over through a slot"
+        assert np.array_equal(item.pixels, reference.pixels)
+        height, width = padded_size(item.input_height, item.input_width, 32)
+        assert item.padded.shape == (3, height, width)
+        assert np.array_equal(item.padded[:, : item.input_height, : item.input_width], reference.pixels)
+        assert not item.padded[:, item.input_height :].any() and not item.padded[:, :, item.input_width :].any()
+        seen.append(item.origin.source)
+        loader.release(item)
+    assert seen == [source.source for source in photos]
+    assert shared_blocks() <= before, "the shared memory block outlived the loader"
+
+
+def test_a_consumer_that_keeps_every_image_never_blocks_the_loader(photos):
+    """Slots only speed things up: with too few of them (or none released), images travel pickled."""
+    loader = ImageLoader(photos * 3, LoadOptions(SPEC), workers=2, prefetch=4, slots=2)
+    kept = list(loader)
+    assert len(kept) == 18 and sum(item.slot is not None for item in kept) == 2
+    for item in kept:
+        assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
+
+
+def test_an_image_too_large_for_a_slot_travels_pickled(tmp_path):
+    path = hostile.photo(tmp_path / "big.png", 300, 400)
+    spec = SPEC.replace(min_size=300, max_size=400)
+    slots = SharedSlots(1, 1000)  # far too small
+    try:
+        slot = slots.take()
+        from fpnx.loader.slots import write_into_slot
+
+        item = write_into_slot(load_image(ImageSource(str(path), "big.png"), LoadOptions(spec)), slot, 32)
+        assert item.slot is None and item.pixels.shape == (3, 300, 400)
+    finally:
+        slots.close()
+
+
+def fake(height: int, width: int, k: int) -> LoadedImage:
+    return LoadedImage(ImageSource(f"{k}.jpg", f"{k}.jpg"), pixels=np.zeros(1), input_height=height,
+                       input_width=width)
+
+
+def test_batches_fill_on_a_coco_like_mix_of_sizes():
+    """Resized input sizes of COCO's common shapes at 800/1333 (640x480, 480x640, 640x427, 427x640, 612x612,
+    500x375...), drawn with their rough frequencies: the window lets each padded size fill its batches."""
+    rng = np.random.default_rng(0)
+    shapes = [(800, 1066), (1066, 800), (800, 1199), (1199, 800), (800, 800), (800, 1200), (800, 1333), (1000, 800)]
+    weights = np.array([0.45, 0.12, 0.15, 0.06, 0.04, 0.08, 0.05, 0.05])
+    picks = rng.choice(len(shapes), size=2000, p=weights / weights.sum())
+    failed = []
+    batches = Batches((fake(*shapes[k], i) for i, k in enumerate(picks)), 16, 32, failed.append)
+    out = list(batches)
+    assert sum(len(batch) for batch in out) == 2000 and not failed
+    for batch in out:
+        assert len({padded_size(item.input_height, item.input_width, 32) for item in batch}) == 1
+    assert batches.fill > 0.95, batches.fill
+    narrow = Batches((fake(*shapes[k], i) for i, k in enumerate(picks)), 16, 32, failed.append, window=16)
+    list(narrow)
+    assert narrow.fill < batches.fill  # the old window of one batch fills worse
