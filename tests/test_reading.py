@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 import fpnx
 from fpnx.errors import StoreError, UsageError
 from fpnx.store import FeatureWriter, ImageRecord, open_features
-from fpnx.store.chunks import ChunkTable
+from fpnx.store.chunks import ChunkTable, chunk_addresses
 
 LEVELS = ["p2", "p3", "p6"]
 CHANNELS = {"p2": 3, "p3": 4, "p6": 2}
@@ -252,3 +252,24 @@ def test_chunk_runs_are_copied_in_order():
             out = np.empty(stop - start, np.float32)
             table.copy_into(data, start, out)
             np.testing.assert_array_equal(out, values[start:stop])
+
+
+def test_chunk_addresses_without_chunk_iter(tmp_path):
+    """HDF5 before 1.12.3 has no chunk_iter: the table comes from one get_chunk_info call per chunk, the same."""
+    path = write(tmp_path / "f.h5", 7, channels=BIG_CHANNELS, sizes=BIG_SIZES)
+    with h5py.File(path, "r") as f:
+        dataset = f["blocks/000001/p2"]
+
+        class OldHDF5:  # the DatasetID of an older HDF5: no chunk_iter
+            def get_num_chunks(self):
+                return dataset.id.get_num_chunks()
+
+            def get_chunk_info(self, index):
+                return dataset.id.get_chunk_info(index)
+
+        chunk = dataset.chunks[0]
+        count = -(-dataset.shape[0] // chunk)
+        old = chunk_addresses(OldHDF5(), chunk, chunk * 4, count)
+        new = chunk_addresses(dataset.id, chunk, chunk * 4, count)
+        assert count > 3 and old is not None and np.array_equal(old, new)
+        assert chunk_addresses(object(), chunk, chunk * 4, count) is None  # HDF5 before 1.10.5: HDF5 reads

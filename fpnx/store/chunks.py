@@ -101,7 +101,7 @@ def chunk_table(dataset: h5py.Dataset, file_size: int, path: Path) -> ChunkTable
         addresses, chunk = np.array([address], np.int64), length
     elif layout == h5py.h5d.CHUNKED:
         chunk = int(dataset.chunks[0])
-        addresses = _chunk_addresses(dataset_id, chunk, chunk * item, -(-length // chunk))
+        addresses = chunk_addresses(dataset_id, chunk, chunk * item, -(-length // chunk))
         if addresses is None:
             return None
     else:
@@ -112,7 +112,7 @@ def chunk_table(dataset: h5py.Dataset, file_size: int, path: Path) -> ChunkTable
     return ChunkTable(length, chunk, item, addresses, consecutive)
 
 
-def _chunk_addresses(dataset_id: h5py.h5d.DatasetID, chunk: int, chunk_bytes: int, count: int) -> np.ndarray | None:
+def chunk_addresses(dataset_id: h5py.h5d.DatasetID, chunk: int, chunk_bytes: int, count: int) -> np.ndarray | None:
     addresses = np.full(count, -1, np.int64)
     usable = [True]
 
@@ -123,13 +123,16 @@ def _chunk_addresses(dataset_id: h5py.h5d.DatasetID, chunk: int, chunk_bytes: in
         else:
             addresses[j] = info.byte_offset
 
-    if dataset_id.get_num_chunks() != count:
-        return None
     try:
-        dataset_id.chunk_iter(visit)
-    except (AttributeError, NotImplementedError, RuntimeError):  # older HDF5: one call per chunk
-        for index in range(count):
-            visit(dataset_id.get_chunk_info(index))
+        if dataset_id.get_num_chunks() != count:
+            return None
+        try:
+            dataset_id.chunk_iter(visit)
+        except (AttributeError, NotImplementedError):  # HDF5 before 1.12.3: one call per chunk
+            for index in range(count):
+                visit(dataset_id.get_chunk_info(index))
+    except AttributeError:  # HDF5 before 1.10.5 tells no chunk addresses: it reads the data itself
+        return None
     if not usable[0] or addresses.min() < 0:
         return None
     return addresses

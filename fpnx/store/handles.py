@@ -26,7 +26,9 @@ Identity = tuple[int, int, int, int]
 # Bounds: a .parts folder may hold thousands of segments, a file thousands of blocks.
 OPEN_FILES = 16
 OPEN_DATASETS = 64  # h5py datasets, for blocks HDF5 must read (compressed ones)
-KNOWN_TABLES = 4096  # chunk tables of directly read blocks: a few KiB each at most, and no handle
+# Chunk tables of directly read block datasets hold no handle, 8 bytes per MiB of features and a few hundred
+# bytes more: 1 << 16 (13,000 blocks of five levels, 1M images at 240x320) take a few tens of MB at most.
+KNOWN_TABLES = 1 << 16
 
 
 def identity_of(stat: os.stat_result) -> Identity:
