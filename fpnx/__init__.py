@@ -11,13 +11,14 @@ from .models.weights import DEFAULT_WEIGHTS, Weights, get_weights, list_weights
 from .options import ExtractOptions
 from .preprocess import Preprocessing
 from .run import ExtractSummary, extract
-from .store import FeatureReader, merge_shards, merge_stores, open_features
+from .store import FeatureDataset, FeatureReader, collate_features, merge_shards, merge_stores, open_features
 from .version import __version__
 
 __all__ = [
     "DEFAULT_WEIGHTS",
     "ExtractOptions",
     "ExtractSummary",
+    "FeatureDataset",
     "FeatureInfo",
     "FeatureReader",
     "FpnxError",
@@ -30,6 +31,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "build_model",
+    "collate_features",
     "extract",
     "get_weights",
     "list_weights",

@@ -1,6 +1,7 @@
 """Features -> disk: crash-safe HDF5 storage of FPN feature maps, one format (docs/format.md) with one writer,
-one reader, one merge, and shards."""
+one reader (also as a torch Dataset, and pooling regions), one merge, and shards."""
 
+from .dataset import FeatureDataset, collate_features
 from .merge import merge_stores
 from .reader import FeatureReader, open_features
 from .schema import FORMAT_VERSION, ImageRecord
@@ -10,11 +11,13 @@ from .writer import FeatureWriter
 
 __all__ = [
     "FORMAT_VERSION",
+    "FeatureDataset",
     "FeatureReader",
     "FeatureWriter",
     "ImageRecord",
     "MergeSummary",
     "Shard",
+    "collate_features",
     "merge_shards",
     "merge_stores",
     "open_features",

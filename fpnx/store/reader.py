@@ -1,28 +1,31 @@
 """Read an fpnx feature file, or the ``.parts`` folder of an unfinished or running run, as one sequence of images.
 
-The index (/images, /failures) of every file is loaded once at open; reading an image then costs one slice
-per level of an already-open block dataset. Files are opened read-only and only through hard links.
+The index (/images, /failures) of every file is loaded once; reading an image then copies its arrays out of
+already-open files (uncompressed blocks straight from a memory map of the file, see :mod:`.chunks`). Files are
+opened read-only and only through hard links.
+
+A reader travels: it pickles as its path, the files it indexed and their identity, and reopens them lazily in
+the process that unpickles it (a DataLoader worker under spawn or forkserver); a reader used in a forked child
+notices the new process and opens its own handles (:mod:`.handles`). A file replaced since is refused.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
+import torch
 
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from . import schema
+from .handles import Identity, OpenFiles, file_identity
 from .location import StoreLocation, load_file, locate_store
-from .storefile import Index, StoreFile, combine_failures, open_store_file, problems_as_store_errors
-
-# Bounds on open handles: a .parts folder may hold thousands of segments, a file thousands of blocks.
-OPEN_FILES = 16
-OPEN_DATASETS = 64
+from .regions import RegionRule, roi_align
+from .storefile import Index, combine_failures, problems_as_store_errors
 
 
 def open_features(path: str | os.PathLike[str]) -> "FeatureReader":
@@ -30,101 +33,153 @@ def open_features(path: str | os.PathLike[str]) -> "FeatureReader":
     return FeatureReader(locate_store(Path(path)))
 
 
+@dataclass
+class _Rows:
+    """The images of all files, in stored order: what the reader looks things up in."""
+
+    sources: list[str]
+    file_of_row: np.ndarray
+    columns: dict[str, np.ndarray]
+    failures: list[tuple[str, str]]
+    row_of: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, indexes: list[Index], layout: schema.Layout, path: Path) -> "_Rows":
+        sources = [source for index in indexes for source in index.sources]
+        if len(set(sources)) != len(sources):
+            raise StoreError(f"{path} is damaged: a source is stored twice")
+        empty = Index.empty(layout)
+        return cls(
+            sources=sources,
+            file_of_row=np.concatenate(
+                [np.full(len(index), k, dtype=np.int32) for k, index in enumerate(indexes)] or [np.zeros(0, np.int32)]
+            ),
+            columns={
+                name: np.concatenate([index.columns[name] for index in indexes] or [empty.columns[name]])
+                for name in empty.columns
+            },
+            failures=combine_failures([index.failures for index in indexes], set(sources)),
+        )
+
+    def position_of(self, source: str) -> int | None:
+        if self.row_of is None:
+            self.row_of = {source: i for i, source in enumerate(self.sources)}
+        return self.row_of.get(source)
+
+
 class FeatureReader:
     """Images of an fpnx store by position or by source: ``reader[i]`` / ``reader[source]`` -> {level: array}.
 
     Usable with or without ``with``. After ``close()`` (or the end of ``with``) its index stays in memory and
     files are reopened on demand, refusing a file that was replaced meanwhile. A ``.parts`` folder is read as it
-    was at open: segments committed later are not seen.
+    was at open: segments committed later are not seen. Picklable (see the module's docstring).
     """
 
     def __init__(self, target: StoreLocation) -> None:
         self.path = target.path
         self.layout = target.layout
         self.attrs: dict[str, Any] = target.attrs
-        self._paths = target.files
-        self._identity: list[tuple[int, int, int, int]] = []
-        self._files: OrderedDict[int, StoreFile] = OrderedDict()
-        self._datasets: OrderedDict[tuple[int, int, str], h5py.Dataset] = OrderedDict()
+        self._paths = list(target.files)
+        self._identity: list[Identity] = []
+        self._handles: OpenFiles | None = None
+        self._index: _Rows | None = None
+        handles = self._open_files()
         indexes: list[Index] = []
         try:
             for k, file_path in enumerate(self._paths):
                 store, index = load_file(file_path, target.settings)
-                self._identity.append(_identity(file_path))
+                self._identity.append(file_identity(store))
+                handles.adopt(k, store)
                 indexes.append(index)
-                self._keep_open(k, store)
+            self._index = _Rows.of(indexes, self.layout, self.path)
         except FileNotFoundError:
             self.close()
             raise StoreError(f"{self.path} changed while being read: its run has finished; open the output") from None
         except BaseException:
             self.close()
             raise
-        self._sources = [source for index in indexes for source in index.sources]
-        self._file_of_row = np.concatenate(
-            [np.full(len(index), k, dtype=np.int32) for k, index in enumerate(indexes)] or [np.zeros(0, np.int32)]
-        )
-        empty = Index.empty(self.layout)
-        self._columns = {
-            name: np.concatenate([index.columns[name] for index in indexes] or [empty.columns[name]])
-            for name in empty.columns
-        }
-        self._failures = combine_failures([index.failures for index in indexes], set(self._sources))
-        self._row_of: dict[str, int] | None = None
-        if len(set(self._sources)) != len(self._sources):
-            self.close()
-            raise StoreError(f"{self.path} is damaged: a source is stored twice")
+
+    # -- travelling -----------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The path, the files indexed with their identity, and the root attributes: no handle, no index."""
+        return {"path": self.path, "layout": self.layout, "attrs": self.attrs, "files": self._paths,
+                "identity": self._identity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.layout, self.attrs = state["path"], state["layout"], state["attrs"]
+        self._paths, self._identity = list(state["files"]), list(state["identity"])
+        self._handles = None
+        self._index = None  # read again, from the same files, when first needed
 
     # -- the sequence ---------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._rows().sources)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]
 
     def __contains__(self, source: object) -> bool:
-        return isinstance(source, str) and source in self._rows()
+        return isinstance(source, str) and self._rows().position_of(source) is not None
 
     def __getitem__(self, key: int | str) -> dict[str, np.ndarray]:
         """{level: array (C, H, W) in the stored dtype} of one image, by position or by source."""
+        return self.read(key)
+
+    def read(self, key: int | str, levels: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """{level: array (C, H, W) in the stored dtype} of one image, for ``levels`` (default: all stored)."""
+        rows = self._rows()
         i = self._position(key)
-        k = int(self._file_of_row[i])
-        block = int(self._columns[schema.BLOCK][i])
-        height = int(self._columns[schema.INPUT_HEIGHT][i])
-        width = int(self._columns[schema.INPUT_WIDTH][i])
+        chosen = checked_levels(self.layout, self.path, levels)
+        k = int(rows.file_of_row[i])
+        block = int(rows.columns[schema.BLOCK][i])
+        height = int(rows.columns[schema.INPUT_HEIGHT][i])
+        width = int(rows.columns[schema.INPUT_WIDTH][i])
+        handles = self._open_files()
         arrays = {}
         with problems_as_store_errors(self._paths[k]):
-            for level in self.layout.levels:
+            for level in chosen:
                 shape = self.layout.shape(level, height, width)
-                size = shape[0] * shape[1] * shape[2]
-                start = int(self._columns[schema.offset_column(level)][i])
-                dataset = self._dataset(k, block, level)
-                if start + size > dataset.shape[0]:
-                    raise StoreError(
-                        f"{self._paths[k]} is a damaged fpnx feature file: {self._sources[i]!r} lies past the end "
-                        f"of {dataset.name}"
-                    )
-                arrays[level] = dataset[start : start + size].reshape(shape)
+                start = int(rows.columns[schema.offset_column(level)][i])
+                flat = handles.read(k, block, level, start, shape[0] * shape[1] * shape[2], rows.sources[i])
+                arrays[level] = flat.reshape(shape)
         return arrays
+
+    def roi_align(
+        self, key: int | str, boxes: Any, *, output_size: int | tuple[int, int] = 7, sampling_ratio: int = 2,
+        framework: str | None = None,
+    ) -> torch.Tensor:
+        """Features of regions of one image: ``(K, C, output_size, output_size)`` float32.
+
+        ``boxes`` is ``(K, 4)``: x1, y1, x2, y2 in the original image's pixels (after its EXIF orientation:
+        ``info(key)["height"]``, ``["width"]``). Each box is mapped to the network input, assigned a level among
+        the stored P2-P5 and sampled with ``torchvision.ops.roi_align`` exactly as the weights' framework does
+        (torchvision: ``MultiScaleRoIAlign``; detectron2: ``ROIPooler`` with ``ROIAlignV2``); ``framework``
+        overrides the recorded one. Near the bottom and right edges see :mod:`fpnx.store.regions`.
+        """
+        rule = RegionRule.of(self.layout, self.metadata, self.path, framework)
+        return roi_align(lambda levels: self.read(key, levels), self.info(key), rule, boxes, output_size, sampling_ratio)
 
     @property
     def sources(self) -> list[str]:
         """Sources in stored order. The reader's own list (cheap to index in a loop): do not modify it."""
-        return self._sources
+        return self._rows().sources
 
     def index_of(self, source: str) -> int:
-        try:
-            return self._rows()[source]
-        except KeyError:
-            raise KeyError(f"{source!r} is not stored in {self.path}") from None
+        position = self._rows().position_of(source)
+        if position is None:
+            raise KeyError(f"{source!r} is not stored in {self.path}")
+        return position
 
     def info(self, key: int | str) -> dict[str, Any]:
         """source, height, width (original, after EXIF), input_height, input_width (resized), scale."""
         i = self._position(key)
-        columns = self._columns
+        rows = self._rows()
+        columns = rows.columns
         return {
-            "source": self._sources[i],
+            "source": rows.sources[i],
             "height": int(columns[schema.HEIGHT][i]),
             "width": int(columns[schema.WIDTH][i]),
             "input_height": int(columns[schema.INPUT_HEIGHT][i]),
@@ -134,7 +189,7 @@ class FeatureReader:
 
     @property
     def failures(self) -> list[tuple[str, str]]:
-        return list(self._failures)
+        return list(self._rows().failures)
 
     @property
     def levels(self) -> list[str]:
@@ -159,13 +214,8 @@ class FeatureReader:
     # -- lifetime -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._datasets.clear()
-        while self._files:
-            _, store = self._files.popitem()
-            try:
-                store.close()
-            except Exception:  # noqa: BLE001 - closing a read-only file cannot lose data
-                pass
+        if self._handles is not None:
+            self._handles.close()
 
     def __enter__(self) -> "FeatureReader":
         return self
@@ -178,10 +228,24 @@ class FeatureReader:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _rows(self) -> dict[str, int]:
-        if self._row_of is None:
-            self._row_of = {source: i for i, source in enumerate(self._sources)}
-        return self._row_of
+    def _open_files(self) -> OpenFiles:
+        """This process's handles: a forked child closes its copies of the parent's and opens its own."""
+        handles = self._handles
+        if handles is None or handles.pid != os.getpid():
+            if handles is not None:
+                handles.close()
+            handles = self._handles = OpenFiles(self._paths, self._identity)
+        return handles
+
+    def _rows(self) -> _Rows:
+        if self._index is None:  # unpickled: index the same files again, refusing replaced ones
+            handles = self._open_files()
+            indexes = []
+            for k in range(len(self._paths)):
+                store = handles.file(k)
+                indexes.append(store.read_index())
+            self._index = _Rows.of(indexes, self.layout, self.path)
+        return self._index
 
     def _position(self, key: int | str) -> int:
         if isinstance(key, str):
@@ -189,49 +253,19 @@ class FeatureReader:
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
             raise TypeError(f"images are indexed by position or source, not {type(key).__name__}")
         i = int(key)
-        count = len(self._sources)
+        count = len(self._rows().sources)
         if not -count <= i < count:
             raise IndexError(f"image {i} is out of range: {self.path} holds {count} images")
         return i % count
 
-    def _keep_open(self, k: int, store: StoreFile) -> None:
-        self._files[k] = store
-        self._files.move_to_end(k)
-        while len(self._files) > OPEN_FILES:
-            old, evicted = self._files.popitem(last=False)
-            for key in [key for key in self._datasets if key[0] == old]:
-                del self._datasets[key]
-            evicted.close()
 
-    def _file(self, k: int) -> StoreFile:
-        store = self._files.get(k)
-        if store is not None:
-            self._files.move_to_end(k)
-            return store
-        path = self._paths[k]
-        try:
-            same = _identity(path) == self._identity[k]
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise StoreError(f"{path} was replaced or removed since it was opened; open it again")
-        store = open_store_file(path)
-        self._keep_open(k, store)
-        return store
-
-    def _dataset(self, k: int, block: int, level: str) -> h5py.Dataset:
-        key = (k, block, level)
-        dataset = self._datasets.get(key)
-        if dataset is None:
-            dataset = self._file(k).block_dataset(block, level)
-            self._datasets[key] = dataset
-            while len(self._datasets) > OPEN_DATASETS:
-                self._datasets.popitem(last=False)
-        else:
-            self._datasets.move_to_end(key)
-        return dataset
-
-
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def checked_levels(layout: schema.Layout, path: Path, levels: Sequence[str] | None) -> Sequence[str]:
+    """``levels`` if the store holds them all (None: all it holds); UsageError naming the first it lacks."""
+    if levels is None:
+        return layout.levels
+    if isinstance(levels, str):
+        raise UsageError(f"levels must be a list of level names, got the string {levels!r}")
+    unknown = [level for level in levels if level not in layout.channels]
+    if unknown:
+        raise UsageError(f"{path} stores no level {unknown[0]!r} (it stores {', '.join(layout.levels)})")
+    return levels
