@@ -76,6 +76,8 @@ def extract(
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     commit_every_s: Annotated[Optional[float], typer.Option(hidden=True, help="Advanced: seconds between commits of finished images (default 10); a crash loses at most this much work.")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Also store each image's per-channel avg or max over each level (vectors for retrieval, probes).")] = None,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="--no-maps stores only the --pool vectors (kilobytes per image).")] = True,
     shard: Annotated[Optional[str], typer.Option(help="I/N: only shard I of N, into OUT.shard-0000I-of-0000N.h5; join the N shards with `fpnx merge --out OUT`. Under torchrun each process takes its own shard.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -92,7 +94,7 @@ def extract(
             min_size=min_size, max_size=max_size, pixel_order=pixel_order, dtype=dtype,
             compression=compression, overwrite=overwrite, allow_truncated=allow_truncated,
             max_pixels=max_pixels, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
-            shard=shard, commit_every_s=commit_every_s,
+            shard=shard, commit_every_s=commit_every_s, pool=pool, maps=maps,
         )
     finally:
         stop()

@@ -24,7 +24,7 @@ from .models import PRECISIONS
 from .models.weights import DEFAULT_WEIGHTS, Weights
 from .preprocess import PIXEL_ORDERS, Preprocessing
 from .sources import DEFAULT_MAX_PIXELS
-from .store.schema import COMPRESSIONS, DTYPES
+from .store.schema import COMPRESSIONS, DTYPES, POOLS
 from .store.shards import Shard, as_shard
 from .version import __version__
 
@@ -35,7 +35,8 @@ LEVELS = ("p2", "p3", "p4", "p5", "p6")  # what every fpnx network produces; che
 class ExtractOptions:
     """Every option of ``extract`` (the command's options, with underscores), checked on creation.
 
-    ``progress`` is True for a tqdm bar, or a callable receiving :class:`fpnx.run.progress.Progress`.
+    ``pool`` (``"avg"`` or ``"max"``) also stores each image's per-channel mean or max over the valid region of
+    each level; ``maps=False`` stores only those vectors. ``progress`` is True for a tqdm bar, or a callable receiving :class:`fpnx.run.progress.Progress`.
     ``model`` runs an already built network instead of building one from ``weights``. ``command`` is recorded
     in the output's metadata (default: this process's command line). ``commit_every_s`` (advanced; default:
     the writer's 10 s) bounds the work a crash can lose.
@@ -63,6 +64,8 @@ class ExtractOptions:
     command: str | None = None
     model: torch.nn.Module | None = None
     shard: Shard | str | tuple[int, int] | None = None
+    pool: str | None = None
+    maps: bool = True
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.levels or () if name not in LEVELS]
@@ -83,6 +86,10 @@ class ExtractOptions:
             raise UsageError(f"--workers must be 0 or more, got {self.workers}")
         if self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if not self.maps and self.pool is None:
+            raise UsageError("--no-maps stores pooled vectors only: give --pool avg or --pool max with it")
         if self.commit_every_s is not None and not self.commit_every_s > 0:
             raise UsageError(f"commit_every_s must be positive, got {self.commit_every_s}")
         object.__setattr__(self, "shard", as_shard(self.shard))

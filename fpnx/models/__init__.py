@@ -4,7 +4,8 @@ from .build import FeaturePyramid, build_model
 from .device import resolve_device
 from .fpn import FPN, LastLevelMaxPool
 from .inference import (
-    PRECISIONS, ForwardResult, autocast, cpu_has_native_bf16, forward, optimize_for_inference, valid_regions,
+    PRECISIONS, ForwardResult, autocast, cpu_has_native_bf16, forward, optimize_for_inference, pooled_vectors,
+    valid_regions,
 )  # fmt: skip
 from .layers import ConvNorm, FrozenBatchNorm2d, fold_norms
 from .resnet import ResNet
@@ -27,6 +28,7 @@ __all__ = [
     "forward",
     "map_size",
     "optimize_for_inference",
+    "pooled_vectors",
     "resolve_device",
     "valid_regions",
 ]

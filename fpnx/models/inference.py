@@ -123,6 +123,21 @@ def valid_regions(
     return crops, torch.stack(clamped).sum() if clamped else torch.zeros((), dtype=torch.int64, device=device)
 
 
+def pooled_vectors(
+    outputs: Mapping[str, torch.Tensor], index: int, input_size: tuple[int, int], strides: Mapping[str, int],
+    how: str,
+) -> dict[str, torch.Tensor]:
+    """Image ``index``'s per-channel mean (``how="avg"``) or max (``"max"``) over the positions of its valid region
+    at each level of ``strides``: ``{level: (C,) float32}``, from the outputs as the model gave them (before any
+    cast for storage), where they are."""
+    vectors = {}
+    for name, stride in strides.items():
+        height, width = map_size(*input_size, stride)
+        region = outputs[name][index, :, :height, :width].float()
+        vectors[name] = region.mean(dim=(1, 2)) if how == "avg" else region.amax(dim=(1, 2))
+    return vectors
+
+
 def float16_overflows(outputs: Mapping[str, torch.Tensor]) -> set[str]:
     """The levels of a batch holding a value float16 cannot hold (or NaN): one fast min/max pass each, so that
     the crops of the other levels skip the overflow handling. Reads the values (waits for the device)."""

@@ -22,7 +22,9 @@ import torch
 
 from ..errors import Interrupted
 from ..loader import Batches, ImageLoader, LoadedImage, LoadOptions, default_window
-from ..models import FeaturePyramid, build_model, optimize_for_inference, resolve_device, valid_regions
+from ..models import (
+    FeaturePyramid, build_model, optimize_for_inference, pooled_vectors, resolve_device, valid_regions,
+)  # fmt: skip
 from ..models.inference import PRECISIONS, all_finite, float16_overflows, run_model
 from ..options import ExtractOptions, check_output, run_metadata
 from ..report.levels import level_reports
@@ -69,6 +71,8 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
         dtype=options.dtype,
         compression=options.compression,
         overwrite=options.overwrite,
+        pool=options.pool,
+        maps=options.maps,
         **({} if options.commit_every_s is None else {"commit_every_s": options.commit_every_s}),
     ) as writer:
         finished = writer.done_sources | done_before  # failures are finished too, but worth another try
@@ -78,6 +82,9 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
         run.process_all(loader)
     run.timings["total"] = time.perf_counter() - started
     return run.summary(str(target), len(images), len(images) - len(todo), discovery.skipped)
+
+
+POOLED = "pooled:"  # the prefix that tells pooled vectors from maps on their way to the host
 
 
 def _loader(todo, spec, options: ExtractOptions, device: torch.device) -> ImageLoader:
@@ -133,12 +140,15 @@ class ExtractRun:
         self._output = BackgroundWriter(writer, self._written)
         self.stage = self._stage(loader)
         self._compute_threads = torch.get_num_threads()
+        self._may_overflow: set[str] | None = None
 
     def _stage(self, loader: ImageLoader) -> HostStage | CudaStage:
         if self.device.type != "cuda":
             return HostStage(loader, self.model.size_divisibility)
         spec = loader.options.preprocessing
-        output_bytes = max_output_bytes(spec, self.strides, self.channels, np.dtype(self.options.dtype).itemsize)
+        output_bytes = sum(self.channels.values()) * 4 + 64 * len(self.strides) if self.options.pool else 0
+        if self.options.maps:
+            output_bytes += max_output_bytes(spec, self.strides, self.channels, np.dtype(self.options.dtype).itemsize)
         return CudaStage(loader, self.device, spec, self.model.size_divisibility, output_bytes,
                          buffers=self.options.batch_size * 2 + WRITE_QUEUE + 2)
 
@@ -196,17 +206,8 @@ class ExtractRun:
             with _threads(self._compute_threads):
                 outputs = run_model(self.model, launched.inputs, "fp32")
             self.fp32_fallbacks += 1
-        may_overflow = None  # on a GPU every crop takes the overflow pass: it costs less than a synchronisation
-        if self.device.type == "cpu":
-            stored = {name: outputs[name] for name in self.strides}
-            may_overflow = float16_overflows(stored) if self.options.store_dtype == torch.float16 else set()
-        crops = []
-        for index, item in enumerate(launched.batch):
-            regions, clamped = valid_regions(outputs, index, (item.input_height, item.input_width), self.strides,
-                                             self.options.store_dtype, may_overflow)
-            crops.append(regions)
-            self._clamped.append(clamped)
-        features = self.stage.to_host(crops)
+        features = self.stage.to_host([self._image_outputs(outputs, index, item)
+                                       for index, item in enumerate(launched.batch)])
         self.stage.release(launched.batch)
         if launched.events:
             done = torch.cuda.Event(enable_timing=True)
@@ -217,7 +218,34 @@ class ExtractRun:
         for item, host in zip(launched.batch, features):
             record = ImageRecord(item.origin.source, item.height, item.width, item.input_height, item.input_width,
                                  item.scale)
-            self._output.add(record, host.arrays, ready=host.ready, done=host.done)
+            maps = {name: array for name, array in host.arrays.items() if not name.startswith(POOLED)}
+            pooled = {name[len(POOLED):]: array for name, array in host.arrays.items() if name.startswith(POOLED)}
+            self._output.add(record, maps, pooled=pooled or None, ready=host.ready, done=host.done)
+
+    def _image_outputs(self, outputs: dict[str, torch.Tensor], index: int, item: LoadedImage) -> dict[str, torch.Tensor]:
+        """What is stored of one image, still on the device: its maps cropped and cast, its pooled vectors."""
+        size = (item.input_height, item.input_width)
+        stored: dict[str, torch.Tensor] = {}
+        if self.options.maps:
+            if self._may_overflow is None or index == 0:
+                self._may_overflow = self._overflowing_levels(outputs)
+            regions, clamped = valid_regions(outputs, index, size, self.strides, self.options.store_dtype,
+                                             self._may_overflow)
+            stored.update(regions)
+            self._clamped.append(clamped)
+        if self.options.pool is not None:
+            vectors = pooled_vectors(outputs, index, size, self.strides, self.options.pool)
+            stored.update({POOLED + name: vector for name, vector in vectors.items()})
+        return stored
+
+    def _overflowing_levels(self, outputs: dict[str, torch.Tensor]) -> set[str] | None:
+        """On the CPU, the levels of this batch that need the float16 overflow pass (a quick min/max says); on a
+        GPU every crop takes it, which costs less than waiting for the device."""
+        if self.device.type != "cpu":
+            return None
+        if self.options.store_dtype != torch.float16:
+            return set()
+        return float16_overflows({name: outputs[name] for name in self.strides})
 
     def _events(self, count: int) -> tuple | None:
         if self.device.type != "cuda":
@@ -248,7 +276,7 @@ class ExtractRun:
             failures=self._output.failures,
             skipped=skipped,
             levels=level_reports(self._output.input_sizes, self.strides, self.channels,
-                                 np.dtype(self.options.dtype).itemsize),
+                                 np.dtype(self.options.dtype).itemsize if self.options.maps else 0),
             timings=self.timings,
             fp32_fallbacks=self.fp32_fallbacks,
             float16_clamped=self.float16_clamped,

@@ -122,6 +122,7 @@ class CudaStage:
             arrays, offset = {}, 0
             with torch.cuda.stream(self.copies):
                 for name, tensor in features.items():
+                    offset = -(-offset // 64) * 64  # every array starts aligned
                     size = tensor.numel() * tensor.element_size()
                     host = buffer[offset : offset + size].view(tensor.dtype).view(tensor.shape)
                     host.copy_(tensor, non_blocking=True)
@@ -147,8 +148,8 @@ class CudaStage:
 
 def max_output_bytes(spec: Preprocessing, strides: Mapping[str, int], channels: Mapping[str, int],
                      itemsize: int) -> int:
-    """Bytes of the largest image's stored features: every resized input fits in the padded
-    ``min_size`` x ``max_size`` (in one orientation or the other, with the same map areas)."""
+    """Bytes of the largest image's stored maps: every resized input fits in the padded ``min_size`` x
+    ``max_size`` (in one orientation or the other, with the same map areas); 64 more per level for alignment."""
     height, width = padded_size(spec.min_size, spec.max_size, spec.size_divisibility)
-    return sum(channels[name] * int(np.prod(map_size(height, width, stride))) * itemsize
+    return sum(channels[name] * int(np.prod(map_size(height, width, stride))) * itemsize + 64
                for name, stride in strides.items())

@@ -35,11 +35,12 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._loop, name="fpnx-writer", daemon=True)
         self._thread.start()
 
-    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray], *, ready: Callable[[], None] | None = None,
+    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray], *,
+            pooled: Mapping[str, np.ndarray] | None = None, ready: Callable[[], None] | None = None,
             done: Callable[[], None] | None = None) -> None:
         """Queue one image; in the thread, ``ready()`` (e.g. waiting for a device's copy into ``features``) comes
         before writing and ``done()`` (e.g. giving the buffers back) after it, whatever happened."""
-        self._put((record, features, ready, done))
+        self._put((record, features, pooled, ready, done))
 
     def add_failure(self, source: str, reason: str) -> None:
         self._put((source, reason))
@@ -79,11 +80,11 @@ class BackgroundWriter:
             self.seconds += time.perf_counter() - start
             self._on_written()
 
-    def _write(self, record: ImageRecord, features: Mapping[str, np.ndarray], ready, done) -> None:
+    def _write(self, record: ImageRecord, features: Mapping[str, np.ndarray], pooled, ready, done) -> None:
         try:
             if ready is not None:
                 ready()
-            self.writer.add(record, features)
+            self.writer.add(record, features, pooled)
         finally:
             if done is not None:
                 done()

@@ -25,7 +25,7 @@ from .location import StoreLocation, load_file, locate_store
 from .schema import Layout
 from .settings import check_settings
 from .storefile import Index, StoreFile, combine_failures
-from .tables import NewFile, write_tables
+from .tables import NewFile, append_pooled, pooled_dataset, write_tables
 
 
 def merge_stores(
@@ -110,6 +110,8 @@ def write_merged(
         with NewFile(tmp, attrs) as target:
             dst = target.h5
             blocks = dst[schema.BLOCKS]
+            pooled = {level: pooled_dataset(dst.require_group(schema.IMAGES), level, layout.channels[level])
+                      for level in (layout.levels if layout.pool else ())}
             for path in files:
                 store, index = load_file(path, settings, expected_in=expected_in)
                 try:
@@ -121,6 +123,8 @@ def write_merged(
                         renumbering[old] = number
                     segments.append(_renumber(store, index, renumbering))
                     indexes.append(index)
+                    for level, dataset in pooled.items():  # streamed: a merge can hold millions of rows
+                        append_pooled(dataset, store.read_pooled(level))
                 finally:
                     store.close()
                 target.check()  # stop at the first failed write (disk full), not after copying everything
@@ -168,7 +172,7 @@ def _copy_block(store: StoreFile, block: int, target: h5py.Group) -> None:
 
 def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:
     old = index.columns[schema.BLOCK]
-    if len(old) == 0:
+    if len(old) == 0 or not store.layout.maps:  # without maps, no image is in a block (the column holds 0)
         return old.astype(np.int32)
     missing = set(np.unique(old).tolist()) - set(renumbering)
     if missing:

@@ -76,7 +76,7 @@ class Manifest:
     def write(self, parts: Path) -> None:
         record = {
             "format": MANIFEST_FORMAT,
-            "format_version": schema.FORMAT_VERSION,
+            "format_version": self.layout.format_version,
             "run_id": self.run_id,
             "settings": self.settings,
             "metadata": self.metadata,
@@ -97,10 +97,10 @@ class Manifest:
         version = record.get("format_version")
         if not isinstance(version, int):
             raise StoreError(f"{path} is damaged (format_version is {version!r}); --overwrite starts anew")
-        if version > schema.FORMAT_VERSION:
+        if version > schema.POOLED_ONLY_VERSION:
             raise StoreError(
                 f"{path} was written by a newer fpnx (format_version {version}; this fpnx reads up to "
-                f"{schema.FORMAT_VERSION}); upgrade fpnx"
+                f"{schema.POOLED_ONLY_VERSION}); upgrade fpnx"
             )
         try:
             manifest = cls(str(record["run_id"]), dict(record["settings"]), dict(record["metadata"]))

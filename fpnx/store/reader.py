@@ -130,6 +130,9 @@ class FeatureReader:
 
     def read(self, key: int | str, levels: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """{level: array (C, H, W) in the stored dtype} of one image, for ``levels`` (default: all stored)."""
+        if not self.layout.maps:
+            raise UsageError(f"{self.path} stores no feature maps (it was written with --no-maps): read its pooled "
+                             f"vectors with .pooled(level)")
         rows = self._rows()
         i = self._position(key)
         chosen = checked_levels(self.layout, self.path, levels)
@@ -161,6 +164,26 @@ class FeatureReader:
         """
         rule = RegionRule.of(self.layout, self.metadata, self.path, framework)
         return roi_align(lambda levels: self.read(key, levels), self.info(key), rule, boxes, output_size, sampling_ratio)
+
+    def pooled(self, level: str) -> np.ndarray:
+        """``(N, C)`` float32: each stored image's pooled vector at ``level`` (``extract --pool``), in stored order,
+        read in one piece per file. Row ``i`` belongs to ``sources[i]``."""
+        if self.layout.pool is None:
+            raise UsageError(f"{self.path} stores no pooled vectors; extract with --pool avg or --pool max")
+        checked_levels(self.layout, self.path, [level])
+        handles = self._open_files()
+        parts = [handles.file(k).read_pooled(level) for k in range(len(self._paths))]
+        return np.concatenate(parts) if parts else np.zeros((0, self.layout.channels[level]), np.float32)
+
+    @property
+    def pool(self) -> str | None:
+        """How the pooled vectors were made (``"avg"`` or ``"max"``), or None where the store keeps none."""
+        return self.layout.pool
+
+    @property
+    def has_maps(self) -> bool:
+        """False for a store written with ``--no-maps``: pooled vectors only."""
+        return self.layout.maps
 
     @property
     def sources(self) -> list[str]:

@@ -19,6 +19,10 @@ from ..models.shapes import map_size
 
 FORMAT_NAME = "fpnx-features"
 FORMAT_VERSION = 1
+"""The version of files with feature maps (with or without pooled vectors, which older readers ignore)."""
+POOLED_ONLY_VERSION = 2
+"""The version of files written with ``--no-maps``: pooled vectors only, which readers of version 1 must refuse."""
+POOLS = ("avg", "max")
 
 # Groups of the file.
 IMAGES = "images"
@@ -34,6 +38,7 @@ INPUT_WIDTH = "input_width"
 SCALE = "scale"
 BLOCK = "segment"  # the column's on-disk name (format version 1); it holds the number of the image's block
 OFFSET_PREFIX = "offset_"
+POOLED_PREFIX = "pooled_"  # /images/pooled_<level>: (N, C) float32, one row per stored image
 REASON = "reason"
 
 # Fixed-type columns of /images; `source` and the per-level offsets are added to these.
@@ -62,6 +67,8 @@ ATTR_STRIDES = "strides"
 ATTR_CHANNELS = "channels"
 ATTR_DTYPE = "dtype"
 ATTR_COMPRESSION = "compression"
+ATTR_POOL = "pool"  # "avg" or "max" where pooled vectors are stored (absent: none)
+ATTR_MAPS = "maps"  # 0 where no maps are stored (--no-maps; absent: 1)
 ATTR_WEIGHTS = "weights"
 # Set only by a writer's finalize: the run id of the .parts folder this file absorbed, so a rerun after a kill
 # between "OUT.h5 replaced" and ".parts removed" knows those parts are already in OUT.h5.
@@ -72,6 +79,7 @@ COMPRESSIONS = ("none", "lzf", "gzip")
 GZIP_LEVEL = 4
 BLOCK_CHUNK_BYTES = 1 << 20
 INDEX_CHUNK_ROWS = 4096
+POOLED_CHUNK_ROWS = 32
 # HDF5 1.8 object headers: readable by any HDF5 >= 1.8 and able to hold attributes over 64 KiB.
 LIBVER = ("v108", "v108")
 
@@ -112,6 +120,10 @@ def offset_column(level: str) -> str:
     return OFFSET_PREFIX + level
 
 
+def pooled_column(level: str) -> str:
+    return POOLED_PREFIX + level
+
+
 def to_json(value: Any) -> str:
     """JSON as stored in attributes and manifests (sorted keys: equal settings give equal text)."""
     return json.dumps(value, sort_keys=True, default=str)
@@ -131,6 +143,8 @@ class Layout:
     strides: Mapping[str, int]
     dtype: str
     compression: str
+    pool: str | None = None  # pooled vectors stored beside the maps: "avg", "max", or None
+    maps: bool = True  # False: pooled vectors only (--no-maps)
 
     @classmethod
     def checked(
@@ -140,6 +154,8 @@ class Layout:
         strides: Mapping[str, int],
         dtype: str,
         compression: str,
+        pool: str | None = None,
+        maps: bool = True,
     ) -> "Layout":
         """A layout from caller arguments; ValueError (with a message for people) when one is impossible."""
         if isinstance(levels, str) or not levels:
@@ -159,33 +175,59 @@ class Layout:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if not maps and pool is None:
+            raise ValueError("a store without maps must store pooled vectors")
         return cls(
             levels=levels,
             channels={level: int(channels[level]) for level in levels},
             strides={level: int(strides[level]) for level in levels},
             dtype=dtype,
             compression=compression,
+            pool=pool,
+            maps=bool(maps),
         )
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "Layout":
         """The layout a store's full settings record (``to_settings`` keys); ValueError/KeyError if damaged."""
         return cls.checked(
-            settings["levels"], settings["channels"], settings["strides"], settings["dtype"], settings["compression"]
+            settings["levels"], settings["channels"], settings["strides"], settings["dtype"], settings["compression"],
+            settings.get("pool"), settings.get("maps", True),
         )
+
+    def index_columns(self) -> dict[str, np.dtype]:
+        """The fixed-type columns of /images (``source`` and the pooled vectors aside): per-image sizes, and
+        where each level's array lies when maps are stored."""
+        columns = dict(INDEX_COLUMNS)
+        if self.maps:
+            columns.update({offset_column(level): OFFSET_DTYPE for level in self.levels})
+        return columns
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.maps else POOLED_ONLY_VERSION
 
     def shape(self, level: str, input_height: int, input_width: int) -> tuple[int, int, int]:
         """(C, H, W) of one image's array at ``level``: the resized input, before padding, over the stride."""
         return (self.channels[level], *map_size(input_height, input_width, self.strides[level]))
 
     def to_settings(self) -> dict[str, Any]:
-        return {
+        """As recorded in ``settings``; ``pool`` and ``maps`` only where they differ from the defaults, so that
+        files written before pooled vectors existed keep their settings (and can be resumed and merged)."""
+        settings = {
             "levels": list(self.levels),
             "channels": dict(self.channels),
             "strides": dict(self.strides),
             "dtype": self.dtype,
             "compression": self.compression,
         }
+        if self.pool is not None:
+            settings["pool"] = self.pool
+        if not self.maps:
+            settings["maps"] = False
+        return settings
 
     @property
     def chunk_elements(self) -> int:
@@ -205,9 +247,9 @@ class Layout:
 def root_attributes(layout: Layout, settings: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The root attributes of a file: machine-readable JSON plus plain copies for HDFView users."""
     described = {**settings, **metadata}  # metadata as given, plus any setting it does not mention
-    return {
+    attrs = {
         ATTR_FORMAT: FORMAT_NAME,
-        ATTR_VERSION: FORMAT_VERSION,
+        ATTR_VERSION: layout.format_version,
         ATTR_METADATA: to_json(described),
         ATTR_SETTINGS: to_json(settings),
         ATTR_LEVELS: np.array(layout.levels, dtype=h5py.string_dtype("utf-8")),
@@ -217,6 +259,11 @@ def root_attributes(layout: Layout, settings: Mapping[str, Any], metadata: Mappi
         ATTR_COMPRESSION: layout.compression,
         ATTR_WEIGHTS: weights_label(described.get("weights")),
     }
+    if layout.pool is not None:
+        attrs[ATTR_POOL] = layout.pool
+    if not layout.maps:
+        attrs[ATTR_MAPS] = 0
+    return attrs
 
 
 def weights_label(weights: Any) -> str:

@@ -33,10 +33,10 @@ class OpenSegment:
         self.nbytes = 0
         self.sources: list[str] = []
         self.failures: list[tuple[str, str]] = []
-        self._rows: dict[str, list[Any]] = {name: [] for name in schema.INDEX_COLUMNS}
-        self._rows.update({schema.offset_column(level): [] for level in layout.levels})
+        self._rows: dict[str, list[Any]] = {name: [] for name in layout.index_columns()}
+        self._pooled: dict[str, list[np.ndarray]] = {level: [] for level in layout.levels} if layout.pool else {}
         self._file: NewFile | None = NewFile(self.tmp, attrs)
-        self._levels = {level: _LevelData(level, layout, self._block) for level in layout.levels}
+        self._levels = {level: _LevelData(level, layout, self._block) for level in layout.levels if layout.maps}
         # False while an add() runs: one cut short (Ctrl-C) may leave queued arrays and offsets out of step,
         # and such a segment must be thrown away, never committed.
         self.consistent = True
@@ -45,13 +45,14 @@ class OpenSegment:
     def image_count(self) -> int:
         return len(self.sources)
 
-    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray]) -> None:
-        """Append one image's arrays to the block, then its index row."""
+    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray],
+            pooled: Mapping[str, np.ndarray] | None = None) -> None:
+        """Append one image's arrays to the block, then its index row (and pooled vectors)."""
         self.consistent = False
         offsets = {}
-        for level in self.layout.levels:
+        for level, level_data in self._levels.items():
             flat = np.ascontiguousarray(features[level]).reshape(-1)
-            offsets[level] = self._levels[level].append(flat)
+            offsets[level] = level_data.append(flat)
             self.nbytes += flat.nbytes
         self._live_file().check()  # a failed write ends the segment before its row is recorded
         self.sources.append(record.source)
@@ -61,11 +62,14 @@ class OpenSegment:
             schema.INPUT_HEIGHT: record.input_height,
             schema.INPUT_WIDTH: record.input_width,
             schema.SCALE: record.scale,
-            schema.BLOCK: self.number,
+            schema.BLOCK: self.number if self.layout.maps else 0,
         }
         row.update({schema.offset_column(level): offset for level, offset in offsets.items()})
         for name, value in row.items():
             self._rows[name].append(value)
+        for level, vectors in self._pooled.items():
+            vectors.append(np.array(pooled[level], dtype=np.float32))
+            self.nbytes += vectors[-1].nbytes
         self.consistent = True
 
     def add_failure(self, source: str, reason: str) -> None:
@@ -78,7 +82,9 @@ class OpenSegment:
             raise ValueError(f"segment {self.path} was interrupted while adding an image and cannot be committed")
         for level_data in self._levels.values():
             level_data.finish()
-        write_tables(file.h5, self.layout, self.sources, self._rows, self.failures)
+        pooled = {level: np.stack(vectors) if vectors else np.zeros((0, self.layout.channels[level]), np.float32)
+                  for level, vectors in self._pooled.items()}
+        write_tables(file.h5, self.layout, self.sources, self._rows, self.failures, pooled)
         file.close()
         self._file = None
         publish(self.tmp, self.path)
@@ -123,30 +129,39 @@ class _LevelData:
         self._written = 0
 
     def append(self, flat: np.ndarray) -> int:
-        """Queue one image's flat array; return its offset in the dataset."""
+        """Queue one image's flat array; return its offset in the dataset.
+
+        The array goes to disk in place where it can (its whole chunks, written straight from it): only what
+        completes the previous image's last chunk, and its own incomplete last chunk, are copied.
+        """
         offset = self._written + self._pending_size
-        self._pending.append(flat)
-        self._pending_size += flat.size
-        if self._pending_size >= self._chunk:
-            self._write(whole_chunks_only=True)
-        else:
-            self._pending[-1] = flat.copy()  # the caller may reuse its array
+        data = flat
+        if self._pending_size:
+            head, data = data[: self._chunk - self._pending_size], data[self._chunk - self._pending_size :]
+            self._pending.append(head.copy())  # the caller may reuse its array
+            self._pending_size += head.size
+            if self._pending_size < self._chunk:
+                return offset
+            self._write(np.concatenate(self._pending))
+            self._pending, self._pending_size = [], 0
+        whole = data.size - data.size % self._chunk
+        if whole:
+            self._write(data[:whole])
+        if whole < data.size:
+            self._pending, self._pending_size = [data[whole:].copy()], data.size - whole
         return offset
 
     def finish(self) -> None:
         if self._pending_size:
-            self._write(whole_chunks_only=False)
+            self._write(np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0])
+            self._pending, self._pending_size = [], 0
 
-    def _write(self, whole_chunks_only: bool) -> None:
-        data = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        count = data.size - data.size % self._chunk if whole_chunks_only else data.size
+    def _write(self, data: np.ndarray) -> None:
+        """Append ``data`` (whole chunks, except at the end) to the dataset, created at the first write."""
         if self._dataset is None:
             options = self._layout.dataset_options(min(self._chunk, data.size))
             self._dataset = self._block().create_dataset(self._level, shape=(0,), **options)
         start = self._written
-        self._dataset.resize((start + count,))
-        self._dataset[start:] = data[:count]
-        self._written += count
-        rest = data[count:]
-        self._pending = [rest.copy()] if rest.size else []
-        self._pending_size = rest.size
+        self._dataset.resize((start + data.size,))
+        self._dataset[start:] = data
+        self._written += data.size

@@ -97,7 +97,7 @@ class Index:
 
     @classmethod
     def empty(cls, layout: Layout) -> "Index":
-        names = {**schema.INDEX_COLUMNS, **{schema.offset_column(level): schema.OFFSET_DTYPE for level in layout.levels}}
+        names = layout.index_columns()
         return cls([], {name: np.zeros(0, dtype) for name, dtype in names.items()}, [])
 
 
@@ -142,14 +142,23 @@ class StoreFile:
         with problems_as_store_errors(self.path):
             return self._sources(), self._failures()
 
+    def read_pooled(self, level: str) -> np.ndarray:
+        """``(N, C)`` float32: the pooled vector of each stored image at ``level``, in row order (one read)."""
+        with problems_as_store_errors(self.path):
+            images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
+            dataset = hard_child(images, schema.pooled_column(level), h5py.Dataset, self.path)
+            expected = (self.image_count(), self.layout.channels[level])
+            if dataset.shape != expected or dataset.dtype != np.float32:
+                raise StoreError(f"{self.path} is a damaged fpnx feature file: {dataset.name} is not {expected} float32")
+            return dataset[...]
+
     def _sources(self) -> list[str]:
         images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
         return [_decode_source(raw, self.path) for raw in self._column(images, schema.SOURCE)]
 
     def _columns(self, count: int) -> dict[str, np.ndarray]:
         images = hard_child(self.h5, schema.IMAGES, h5py.Group, self.path)
-        wanted = {**schema.INDEX_COLUMNS}
-        wanted.update({schema.offset_column(level): schema.OFFSET_DTYPE for level in self.layout.levels})
+        wanted = self.layout.index_columns()
         columns = {}
         for name, dtype in wanted.items():
             values = self._column(images, name)
@@ -158,7 +167,8 @@ class StoreFile:
             columns[name] = values.astype(dtype, copy=False)
         if count and (
             min(columns[schema.INPUT_HEIGHT].min(), columns[schema.INPUT_WIDTH].min()) < 1
-            or min(columns[schema.offset_column(level)].min() for level in self.layout.levels) < 0
+            or min((columns[schema.offset_column(level)].min() for level in self.layout.levels if self.layout.maps),
+                   default=0) < 0
         ):
             raise StoreError(f"{self.path} is a damaged fpnx feature file: negative sizes or offsets in /images")
         return columns
@@ -234,12 +244,14 @@ def _checked(path: Path, h5: h5py.File) -> StoreFile:
     version = attrs.get(schema.ATTR_VERSION)
     if isinstance(version, bool) or not isinstance(version, int):
         raise StoreError(f"{path} is a damaged fpnx feature file: format_version is {version!r}")
-    if version > schema.FORMAT_VERSION:
+    maps = attrs.get(schema.ATTR_MAPS, 1) != 0
+    if version > schema.POOLED_ONLY_VERSION or (version == schema.POOLED_ONLY_VERSION and maps):
         raise StoreError(
             f"{path} was written by a newer fpnx (format_version {version}; this fpnx reads up to "
-            f"{schema.FORMAT_VERSION}); upgrade fpnx to read it"
+            f"{schema.POOLED_ONLY_VERSION}, and {schema.POOLED_ONLY_VERSION} only for files without maps); "
+            f"upgrade fpnx to read it"
         )
-    if version < 1:
+    if version < 1 or not maps and version != schema.POOLED_ONLY_VERSION:
         raise StoreError(f"{path} is a damaged fpnx feature file: format_version is {version!r}")
     missing = [key for key in (schema.ATTR_LEVELS, schema.ATTR_STRIDES, schema.ATTR_CHANNELS, schema.ATTR_DTYPE,
                                schema.ATTR_COMPRESSION, schema.ATTR_SETTINGS, schema.ATTR_METADATA) if key not in attrs]
@@ -258,6 +270,8 @@ def _checked(path: Path, h5: h5py.File) -> StoreFile:
             dict(zip(levels, strides)),
             attrs[schema.ATTR_DTYPE],
             attrs[schema.ATTR_COMPRESSION],
+            attrs.get(schema.ATTR_POOL),
+            maps,
         )
         settings = json.loads(attrs[schema.ATTR_SETTINGS])
         metadata = json.loads(attrs[schema.ATTR_METADATA])
@@ -265,8 +279,9 @@ def _checked(path: Path, h5: h5py.File) -> StoreFile:
         raise StoreError(f"{path} is a damaged fpnx feature file: {error}") from None
     if not isinstance(settings, dict) or not isinstance(metadata, dict):
         raise StoreError(f"{path} is a damaged fpnx feature file: settings or metadata is not a JSON object")
-    for key, value in schema.normalize(layout.to_settings()).items():
-        if settings.get(key) != value:  # the plain attributes are what the reader obeys; they must agree
+    recorded = schema.normalize(layout.to_settings())
+    for key in (*recorded, "pool", "maps"):
+        if settings.get(key) != recorded.get(key):  # the plain attributes are what the reader obeys; they must agree
             raise StoreError(f"{path} is a damaged fpnx feature file: settings and attributes disagree on {key!r}")
     attrs[schema.ATTR_SETTINGS] = settings
     attrs[schema.ATTR_METADATA] = metadata

@@ -89,15 +89,15 @@ def write_tables(
     sources: Sequence[str],
     columns: Mapping[str, np.ndarray],
     failures: Sequence[tuple[str, str]],
+    pooled: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Write /images (one row per source, columns as given) and /failures."""
-    images = h5.create_group(schema.IMAGES)
+    """Write /images (one row per source, columns as given; pooled vectors where given) and /failures."""
+    images = h5.require_group(schema.IMAGES)  # a merge may have written the pooled vectors into it already
     _column(images, schema.SOURCE, _bytes_array([schema.encode_source(s) for s in sources]), schema.SOURCE_DTYPE)
-    for name, dtype in schema.INDEX_COLUMNS.items():
+    for name, dtype in layout.index_columns().items():
         _column(images, name, np.asarray(columns[name], dtype=dtype), dtype)
-    for level in layout.levels:
-        name = schema.offset_column(level)
-        _column(images, name, np.asarray(columns[name], dtype=schema.OFFSET_DTYPE), schema.OFFSET_DTYPE)
+    for level, vectors in (pooled or {}).items():
+        append_pooled(pooled_dataset(images, level, layout.channels[level]), vectors)
     group = h5.create_group(schema.FAILURES)
     _column(group, schema.SOURCE, _bytes_array([schema.encode_source(s) for s, _ in failures]), schema.SOURCE_DTYPE)
     reasons = np.array([schema.encode_reason(r) for _, r in failures] or [], dtype=object)
@@ -121,3 +121,17 @@ def _column(group: h5py.Group, name: str, values: np.ndarray, dtype: Any) -> Non
     )
     if rows:
         group[name][...] = values
+
+
+def pooled_dataset(images: h5py.Group, level: str, channels: int) -> h5py.Dataset:
+    """The empty, growable ``(0, C)`` float32 dataset of one level's pooled vectors, in chunks of
+    :data:`~fpnx.store.schema.POOLED_CHUNK_ROWS` rows (32 KiB at 256 channels: small files stay small)."""
+    return images.create_dataset(schema.pooled_column(level), shape=(0, channels), maxshape=(None, channels),
+                                 chunks=(schema.POOLED_CHUNK_ROWS, channels), dtype=np.float32)
+
+
+def append_pooled(dataset: h5py.Dataset, vectors: np.ndarray) -> None:
+    start = dataset.shape[0]
+    if len(vectors):
+        dataset.resize((start + len(vectors), dataset.shape[1]))
+        dataset[start:] = vectors

@@ -57,11 +57,13 @@ class FeatureWriter:
         overwrite: bool = False,
         commit_every_s: float = 10.0,
         commit_every_bytes: int = 256 << 20,
+        pool: str | None = None,
+        maps: bool = True,
     ) -> None:
         self.path = Path(path)
         self.parts = parts_dir_for(self.path)
         try:
-            self._layout = Layout.checked(levels, channels, strides, dtype, compression)
+            self._layout = Layout.checked(levels, channels, strides, dtype, compression, pool, maps)
             self._settings = full_settings(settings, self._layout)
             self._metadata = schema.normalize(dict(metadata))
         except ValueError as error:
@@ -110,14 +112,17 @@ class FeatureWriter:
 
     # -- adding ---------------------------------------------------------------------------------------------
 
-    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray]) -> None:
-        """Store one image's arrays ``{level: (C, h, w)}`` of the stored dtype; shapes are checked (ValueError)."""
+    def add(self, record: ImageRecord, features: Mapping[str, np.ndarray],
+            pooled: Mapping[str, np.ndarray] | None = None) -> None:
+        """Store one image's arrays ``{level: (C, h, w)}`` of the stored dtype (none without maps) and, where the
+        store keeps them, its pooled vectors ``{level: (C,)}``; shapes are checked (ValueError)."""
         self._check_open()
         self._check_record(record)
         self._check_features(record, features)
+        self._check_pooled(record, pooled)
         segment = self._open_segment()
         try:
-            segment.add(record, features)
+            segment.add(record, features, pooled)
         except (OSError, RuntimeError) as error:
             raise self._write_failed(error) from None
         self._stored.add(record.source)
@@ -347,9 +352,21 @@ class FeatureWriter:
         if not (isinstance(record.scale, (int, float, np.floating)) and math.isfinite(record.scale) and record.scale > 0):
             raise ValueError(f"scale of {record.source!r} must be a positive number, got {record.scale!r}")
 
+    def _check_pooled(self, record: ImageRecord, pooled: Mapping[str, np.ndarray] | None) -> None:
+        if self._layout.pool is None:
+            if pooled is not None:
+                raise ValueError(f"pooled vectors of {record.source!r} given, but the store keeps none")
+            return
+        if pooled is None or set(pooled) != set(self._layout.levels):
+            raise ValueError(f"pooled vectors of {record.source!r} must be given for {list(self._layout.levels)}")
+        for level, vector in pooled.items():
+            if np.shape(vector) != (self._layout.channels[level],):
+                raise ValueError(f"the {level} pooled vector of {record.source!r} has shape {np.shape(vector)}, "
+                                 f"expected ({self._layout.channels[level]},)")
+
     def _check_features(self, record: ImageRecord, features: Mapping[str, np.ndarray]) -> None:
-        levels = self._layout.levels
-        if set(features) != set(levels):
+        levels = self._layout.levels if self._layout.maps else ()
+        if set(features or ()) != set(levels):
             raise ValueError(f"features of {record.source!r} have levels {sorted(features)}, expected {list(levels)}")
         for level in levels:
             array = features[level]
