@@ -8,6 +8,7 @@ documented rule and never stops the run.
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
 import tarfile
@@ -18,15 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 import fpnx
 import hostile_files as hostile
+from fpnx.cli import app
 from fpnx.errors import ImageError, UsageError
+from fpnx.report.plot import plot_features
 from fpnx.sources import ImageSource, decode_image, decode_source, discover
 from fpnx.sources.archives import COMPRESSED_TAR_REASON, TRUNCATED_MEMBER, member_byte_limit
 from test_robustness import assert_same_features, command, committed, finish, kill9, start, stored_in, wait_for
 
 SIZES = {"min_size": 64, "max_size": 96}
+runner = CliRunner(env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +163,25 @@ def test_no_archives_skips_only_the_archives_found_in_folders(tmp_path):
     assert sources(discover([tmp_path / "a.tar"], archives=False)) == [f"{tmp_path}/a.tar/x.png"]
 
 
+def test_cli_reads_archives_unless_told_not_to_and_refuses_compressed_tars(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    hostile.photo(images / "a.png")
+    write_tar(images / "b.tar", shard_members(0, 2))
+    arguments = ["--weights", "random", "--min-size", "64", "--max-size", "96", "--workers", "0", "--json"]
+    result = runner.invoke(app, ["extract", str(images), "--out", str(tmp_path / "all.h5"), *arguments])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images_stored"] == 3
+    result = runner.invoke(app, ["extract", str(images), "--out", str(tmp_path / "no.h5"), "--no-archives", *arguments])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images_stored"] == 1
+    assert summary["skipped"] == [{"path": str(images / "b.tar"), "reason": "archive: not opened (--no-archives)"}]
+    (tmp_path / "c.tgz").write_bytes(b"\x1f\x8b")
+    result = runner.invoke(app, ["extract", str(tmp_path / "c.tgz"), "--out", str(tmp_path / "c.h5"), *arguments])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'c.tgz'}: {COMPRESSED_TAR_REASON}"
+
+
 def test_members_decode_exactly_as_the_same_files(tmp_path):
     members = [("a.png", picture(1)), ("b.jpg", picture(2, image_format="JPEG")), ("c.bmp", picture(3, image_format="BMP"))]
     loose = tmp_path / "loose"
@@ -207,6 +231,8 @@ def test_shards_and_a_zip_give_the_features_of_the_loose_files(tmp_path, model):
     more = extract([shards], tmp_path / "tars.h5", model)
     assert (more.images_stored, more.images_already_done) == (2, 5)
     assert stored_in(tmp_path / "tars.h5")[-2:] == ["000002.tar/000000005.jpg", "000002.tar/000000006.jpg"]
+    drawn = plot_features(tmp_path / "tars.h5", tmp_path / "fig.png", image="000002.tar/000000005.jpg")
+    assert drawn.image_path == str(shards / "000002.tar" / "000000005.jpg")  # inspect's plot finds the member
 
 
 def test_kill_9_inside_an_archive_then_the_same_command_equals_an_uninterrupted_run(tmp_path):

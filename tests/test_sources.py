@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import sys
+import tarfile
 import threading
 import warnings
 import zlib
@@ -25,6 +26,7 @@ from fpnx.sources import (
     DecodedImage,
     ImageSource,
     decode_image,
+    decode_source,
     discover,
     heif_available,
 )
@@ -647,12 +649,18 @@ def test_decode_image_and_its_result_pickle(tmp_path: Path) -> None:
 def test_decode_image_runs_in_a_spawned_worker(tmp_path: Path) -> None:
     good = save(Image.new("RGB", (64, 64), (5, 6, 7)), tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"")
+    heic = save_modern(np.full((16, 24, 3), 200, dtype=np.uint8), tmp_path / "a.heic")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(heic, "inside/a.heic")
+    (member,) = discover([tmp_path / "a.tar"]).images
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         decoded = pool.submit(decode_image, good).result(timeout=60)
         failure = pool.submit(decode_image, str(tmp_path / "bad.png")).exception(timeout=60)
+        from_tar = pool.submit(decode_source, member).result(timeout=60)  # the worker registers HEIF itself
     assert decoded.rgb[0, 0].tolist() == [5, 6, 7]
     assert isinstance(failure, ImageError) and str(failure) == "empty file"
+    assert (from_tar.format, from_tar.height, from_tar.width) == ("HEIF", 16, 24)
 
 
 # ---------------------------------------------------------------------------------------------------------

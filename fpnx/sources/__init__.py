@@ -2,7 +2,7 @@
 
 from .archives import ArchiveMember
 from .decoding import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, DecodedImage, decode_image, decode_source, heif_available
-from .discovery import IMAGE_EXTENSIONS, Discovery, ImageSource, discover
+from .discovery import IMAGE_EXTENSIONS, Discovery, ImageSource, discover, locate_image
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -16,4 +16,5 @@ __all__ = [
     "decode_source",
     "discover",
     "heif_available",
+    "locate_image",
 ]

@@ -106,6 +106,24 @@ def discover(inputs: Sequence[str | bytes | os.PathLike[Any]], *, archives: bool
     return Discovery(images=collector.images, skipped=collector.skipped)
 
 
+def locate_image(path: str) -> ImageSource | None:
+    """The image at ``path``: a file, or ``ARCHIVE/MEMBER`` inside a ``.tar``/``.zip``; None when there is none.
+
+    For tools that find an image again from its stored source (the plot of ``fpnx inspect``)."""
+    if os.path.isfile(path):
+        return ImageSource(path, path)
+    head, name = path, ""
+    while True:
+        head, tail = os.path.split(head)
+        if not tail or not head:
+            return None
+        name = f"{tail}/{name}" if name else tail
+        kind = archive_kind(head)
+        if kind in ("tar", "zip") and os.path.isfile(head):
+            member = next((item for item in list_archive(head, kind).members if item.name == name), None)
+            return None if member is None else ImageSource(head, path, member)
+
+
 def _has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
