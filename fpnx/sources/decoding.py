@@ -235,9 +235,10 @@ def heif_available() -> bool:
     """Whether HEIF can be read: the optional ``pillow-heif`` is installed (its Pillow plugin is registered here)."""
     try:
         import pillow_heif
-    except ImportError:
+
+        pillow_heif.register_heif_opener()
+    except (ImportError, OSError):  # not installed, or its libheif cannot load: HEIC files fail with a reason
         return False
-    pillow_heif.register_heif_opener()
     return True
 
 
