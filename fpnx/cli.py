@@ -74,6 +74,7 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Start anew instead of resuming.")] = False,
     allow_truncated: Annotated[bool, typer.Option(help="Decode what is there of truncated files.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    archives: Annotated[bool, typer.Option("--archives/--no-archives", help="Read the images inside .tar and .zip files found in folders (given ones are always read).")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     commit_every_s: Annotated[Optional[float], typer.Option(hidden=True, help="Advanced: seconds between commits of finished images (default 10); a crash loses at most this much work.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="Also store each image's per-channel avg or max over each level (vectors for retrieval, probes).")] = None,
@@ -93,7 +94,7 @@ def extract(
             batch_size=batch_size, device=device, precision=precision, workers=workers,
             min_size=min_size, max_size=max_size, pixel_order=pixel_order, dtype=dtype,
             compression=compression, overwrite=overwrite, allow_truncated=allow_truncated,
-            max_pixels=max_pixels, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
+            max_pixels=max_pixels, archives=archives, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
             shard=shard, commit_every_s=commit_every_s, pool=pool, maps=maps,
         )
     finally:

@@ -39,7 +39,8 @@ class ExtractOptions:
     each level; ``maps=False`` stores only those vectors. ``progress`` is True for a tqdm bar, or a callable receiving :class:`fpnx.run.progress.Progress`.
     ``model`` runs an already built network instead of building one from ``weights``. ``command`` is recorded
     in the output's metadata (default: this process's command line). ``commit_every_s`` (advanced; default:
-    the writer's 10 s) bounds the work a crash can lose.
+    the writer's 10 s) bounds the work a crash can lose. ``archives=False`` leaves ``.tar``/``.zip`` files
+    found in folders unopened (archives given directly or in a ``@list`` are still read).
     """
 
     weights: str | os.PathLike | Weights | None = DEFAULT_WEIGHTS
@@ -58,6 +59,7 @@ class ExtractOptions:
     overwrite: bool = False
     allow_truncated: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    archives: bool = True
     commit_every_s: float | None = None
     channels_last: bool = True
     progress: bool | Callable[[Any], None] = False

@@ -16,20 +16,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fpnx.sources import ImageSource
+from fpnx.sources import ImageSource, heif_available
 from fpnx.loader import LoadedImage, LoadOptions, load_image
 
 
-def photo(path: Path, height: int = 48, width: int = 64, seed: int = 0) -> Path:
-    """A random RGB picture; the suffix picks the format (lossless PNG unless it says .jpg)."""
+def photo(path: Path, height: int = 48, width: int = 64, seed: int = 0, orientation: int = 1) -> Path:
+    """A random RGB picture; the suffix picks the format (lossless PNG unless it says .jpg, .avif, .jp2 or .heic),
+    with an EXIF orientation when given (JPEG 2000 keeps none)."""
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    options = {"quality": 90} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    options: dict[str, object] = {"quality": 90} if path.suffix.lower() in (".jpg", ".jpeg", ".avif", ".heic") else {}
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    assert _format_of(path) != "HEIF" or heif_available(), "pillow-heif is needed: pip install -e '.[test]'"
     Image.fromarray(pixels).save(path, format=_format_of(path), **options)
     return path
 
 
 def _format_of(path: Path) -> str:
-    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".tif": "TIFF"}[path.suffix.lower()]
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".tif": "TIFF", ".avif": "AVIF",
+            ".jp2": "JPEG2000", ".heic": "HEIF"}[path.suffix.lower()]
 
 
 def zero_bytes(path: Path) -> Path:
@@ -52,11 +59,8 @@ def icon_file(path: Path) -> Path:
 
 
 def truncated(path: Path, seed: int = 1) -> Path:
-    """A JPEG or PNG (by suffix) cut after two thirds of its bytes."""
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format=_format_of(path))
-    whole = buffer.getvalue()
+    """An image (format by suffix, as for :func:`photo`) cut after two thirds of its bytes."""
+    whole = photo(path, 96, 128, seed).read_bytes()
     path.write_bytes(whole[: len(whole) * 2 // 3])
     return path
 

@@ -29,12 +29,12 @@ import fpnx.store.merge as merge_module
 import hostile_files as hostile
 from fpnx.cli import app
 from fpnx.errors import Interrupted, StoreError
-from fpnx.sources import ImageSource
+from fpnx.sources import ImageSource, decoding
 from fpnx.loader import ImageLoader, LoadOptions
 
 SIZES = {"min_size": 64, "max_size": 96}
 SIZE_OPTIONS = ["--min-size", "64", "--max-size", "96"]
-ALLOWED = "not an image in an allowed format (JPEG, PNG, WEBP, BMP, TIFF, GIF, PPM)"
+ALLOWED = "not an image in an allowed format (JPEG, PNG, WEBP, BMP, TIFF, GIF, PPM, AVIF, JPEG2000, HEIF)"
 CRASHED = "the decoder crashed (its worker process died)"
 RESUME = "run the same command again to resume"
 runner = CliRunner(env={"COLUMNS": "200"})  # wide: table cells are not wrapped
@@ -101,6 +101,29 @@ def test_truncated_file_fails_unless_allow_truncated(tmp_path, model, name):
         assert reader.info(name)["height"] == 96 and reader.info(name)["width"] == 128
 
 
+def test_avif_jpeg2000_and_heic_are_stored_upright_and_broken_ones_reported(tmp_path, model, monkeypatch):
+    images = folder(tmp_path)
+    hostile.photo(images / "good.png")
+    hostile.photo(images / "turned.avif", 40, 56, orientation=6)  # stored 56 wide, shown 40 wide
+    hostile.photo(images / "turned.heic", 40, 56, orientation=6)
+    hostile.photo(images / "tile.jp2", 40, 56)
+    for name in ("cut.avif", "cut.heic", "cut.jp2"):
+        hostile.truncated(images / name)
+    summary = extract([images], tmp_path / "out.h5", model)
+    assert summary.images_stored == 4 and sorted(dict(summary.failures)) == ["cut.avif", "cut.heic", "cut.jp2"]
+    assert dict(summary.failures)["cut.heic"].startswith("truncated image data (")
+    with fpnx.open_features(tmp_path / "out.h5") as reader:
+        sizes = {name: (reader.info(name)["height"], reader.info(name)["width"]) for name in reader.sources}
+    assert sizes == {"good.png": (48, 64), "turned.avif": (56, 40), "turned.heic": (56, 40), "tile.jp2": (40, 56)}
+
+    monkeypatch.setattr(decoding, "heif_available", lambda: False)  # as without the optional pillow-heif
+    summary = extract([images], tmp_path / "no_heif.h5", model)
+    assert summary.images_stored == 3
+    assert dict(summary.failures)["turned.heic"] == (
+        "a HEIC/HEIF image: reading it needs the optional extra, pip install 'fpnx[heif]'"
+    )
+
+
 def test_decompression_bomb_fails_by_default(tmp_path, model):
     summary, stored, failed = with_good_image(tmp_path, model, hostile.bomb_png, "bomb.png")
     assert stored == ["good.png"]
@@ -138,8 +161,8 @@ def test_files_that_vanish_or_change_after_discovery_fail(tmp_path, model, monke
         hostile.photo(images / name)
     real_discover = pipeline_module.discover
 
-    def discover_then_change(inputs):
-        found = real_discover(inputs)
+    def discover_then_change(inputs, **options):
+        found = real_discover(inputs, **options)
         (images / "deleted.png").unlink()
         (images / "emptied.png").write_bytes(b"")
         (images / "folder.png").unlink()
@@ -564,7 +587,7 @@ def test_a_cleanup_cut_short_after_finalize_is_finished_by_the_next_run(tmp_path
 
 
 def test_cli_ctrl_c_outside_the_run_says_how_to_resume(tmp_path, monkeypatch):
-    def pressed(inputs):
+    def pressed(inputs, **options):
         raise KeyboardInterrupt  # e.g. while a huge tree of folders is being listed
 
     monkeypatch.setattr(pipeline_module, "discover", pressed)

@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import sys
+import tarfile
 import threading
 import warnings
 import zlib
@@ -25,8 +26,11 @@ from fpnx.sources import (
     DecodedImage,
     ImageSource,
     decode_image,
+    decode_source,
     discover,
+    heif_available,
 )
+from fpnx.sources import decoding
 from fpnx.sources.decoding import _rgb_array
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX file names, links or pipes")
@@ -411,6 +415,98 @@ def test_broken_exif_means_no_rotation_not_a_failure(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# decoding: AVIF, JPEG 2000 and HEIC (HEIC with the optional pillow-heif, which the test extra installs)
+
+
+def save_modern(pixels: np.ndarray, path: Path, orientation: int = 1) -> str:
+    """AVIF, JPEG 2000 (lossless) or HEIC by the suffix, with an EXIF orientation where the format keeps one."""
+    image = Image.fromarray(pixels)
+    assert path.suffix != ".heic" or heif_available(), "pillow-heif is needed: pip install -e '.[test]'"
+    options: dict[str, object] = {"quality": 95} if path.suffix in (".avif", ".heic") else {}
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    return save(image, path, **options)
+
+
+@pytest.mark.parametrize(("name", "image_format"), [("a.avif", "AVIF"), ("a.jp2", "JPEG2000"), ("a.heic", "HEIF")])
+def test_avif_jpeg2000_and_heic_decode_like_pillow(tmp_path: Path, name: str, image_format: str) -> None:
+    pixels = np.random.default_rng(7).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    path = save_modern(pixels, tmp_path / name)
+    with Image.open(path) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    decoded = decode_quietly(path)
+    assert (decoded.height, decoded.width, decoded.format) == (40, 56, image_format)
+    assert np.array_equal(decoded.rgb, expected)
+    if image_format == "JPEG2000":
+        assert np.array_equal(decoded.rgb, pixels)  # Pillow writes lossless JPEG 2000 by default
+
+
+@pytest.mark.parametrize("name", ["six.avif", "six.heic"])
+def test_avif_and_heic_orientation_is_applied_once(tmp_path: Path, name: str) -> None:
+    pixels = np.full((64, 96, 3), 128, dtype=np.uint8)
+    pixels[:16, :16] = (255, 0, 0)
+    decoded = decode_quietly(save_modern(pixels, tmp_path / name, orientation=6))
+    assert decoded.rgb.shape == (96, 64, 3) and (decoded.height, decoded.width) == (96, 64)
+    assert _is_red(decoded.rgb[4, 64 - 5])  # stored top-left shows at the top right, as for JPEG
+    assert not _is_red(decoded.rgb[4, 4]) and not _is_red(decoded.rgb[96 - 5, 4])
+
+
+@pytest.mark.parametrize("name", ["a.avif", "a.jp2", "a.heic"])
+def test_avif_jpeg2000_and_heic_alpha_is_dropped(tmp_path: Path, name: str) -> None:
+    rgba = np.random.default_rng(8).integers(0, 256, (32, 40, 4), dtype=np.uint8)
+    assert heif_available()  # registers the HEIF plugin, also for saving
+    path = save(Image.fromarray(rgba), tmp_path / name, **({"lossless": True} if name == "a.avif" else {}))
+    with Image.open(path) as reference:
+        assert reference.mode == "RGBA"
+        expected = np.asarray(reference.convert("RGB"))
+    assert np.array_equal(decode_quietly(path).rgb, expected)
+
+
+def test_16_bit_jpeg2000_grey_is_scaled(tmp_path: Path) -> None:
+    image = Image.frombytes("I;16", (len(SIXTEEN_BIT), 1), np.array(SIXTEEN_BIT, dtype="<u2").tobytes())
+    decoded = decode_quietly(save(image, tmp_path / "g.jp2"))
+    assert decoded.mode == "I;16" and decoded.rgb[0, :, 1].tolist() == SIXTEEN_BIT_AS_8
+
+
+@pytest.mark.parametrize("name", ["a.avif", "a.jp2", "a.heic"])
+def test_avif_jpeg2000_and_heic_pixel_limit_is_checked_from_the_header(tmp_path: Path, name: str) -> None:
+    pixels = np.random.default_rng(9).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    path = save_modern(pixels, tmp_path / name)
+    assert decode_quietly(path, max_pixels=40 * 56).height == 40
+    assert _decode_error(path, max_pixels=40 * 56 - 1) == "image is 56x40 = 2,240 pixels, more than the limit of 2,239"
+
+
+@pytest.mark.parametrize(
+    ("name", "lenient"),
+    [("cut.avif", False), ("cut.jp2", True), ("cut.heic", True)],
+    ids=["avif-refused-even-when-lenient", "jpeg2000", "heic"],
+)
+def test_cut_avif_jpeg2000_and_heic_are_refused(tmp_path: Path, name: str, lenient: bool) -> None:
+    pixels = np.random.default_rng(10).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    whole = Path(save_modern(pixels, tmp_path / f"whole{Path(name).suffix}")).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    assert _decode_error(path)
+    if lenient:  # decoded as far as the decoder gets (Pillow fills the rest)
+        assert decode_quietly(str(path), allow_truncated=True).rgb.shape == (64, 80, 3)
+    else:  # libavif reads no partial file
+        assert _decode_error(path, allow_truncated=True).startswith("not an image in an allowed format: a damaged")
+
+
+def test_heic_without_pillow_heif_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pixels = np.random.default_rng(11).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = save_modern(pixels, tmp_path / "photo.heic")
+    avif = save_modern(pixels, tmp_path / "photo.avif")
+    monkeypatch.setattr(decoding, "heif_available", lambda: False)
+    assert _decode_error(path) == "a HEIC/HEIF image: reading it needs the optional extra, pip install 'fpnx[heif]'"
+    assert decode_quietly(avif).format == "AVIF"  # other formats in the same ISO box family are unaffected
+    monkeypatch.undo()
+    assert decode_quietly(path).format == "HEIF"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # decoding: refusing bad files
 
 
@@ -553,12 +649,18 @@ def test_decode_image_and_its_result_pickle(tmp_path: Path) -> None:
 def test_decode_image_runs_in_a_spawned_worker(tmp_path: Path) -> None:
     good = save(Image.new("RGB", (64, 64), (5, 6, 7)), tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"")
+    heic = save_modern(np.full((16, 24, 3), 200, dtype=np.uint8), tmp_path / "a.heic")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(heic, "inside/a.heic")
+    (member,) = discover([tmp_path / "a.tar"]).images
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         decoded = pool.submit(decode_image, good).result(timeout=60)
         failure = pool.submit(decode_image, str(tmp_path / "bad.png")).exception(timeout=60)
+        from_tar = pool.submit(decode_source, member).result(timeout=60)  # the worker registers HEIF itself
     assert decoded.rgb[0, 0].tolist() == [5, 6, 7]
     assert isinstance(failure, ImageError) and str(failure) == "empty file"
+    assert (from_tar.format, from_tar.height, from_tar.width) == ("HEIF", 16, 24)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -582,9 +684,12 @@ def skipped_reasons(found: object) -> dict[str, str]:
 def test_extensions_and_formats_are_as_documented() -> None:
     assert IMAGE_EXTENSIONS == (
         ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
+        ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".heic", ".heif", ".hif",
     )  # fmt: skip
+    assert ALLOWED_FORMATS == ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF", "JPEG2000", "HEIF")
     Image.init()
-    assert all(name in Image.OPEN for name in ALLOWED_FORMATS)
+    assert all(name in Image.OPEN for name in ALLOWED_FORMATS if name != "HEIF")
+    assert ("HEIF" in Image.OPEN) == heif_available()
 
 
 def test_folder_is_walked_recursively_in_byte_order(tmp_path: Path) -> None:

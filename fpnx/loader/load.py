@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ImageError, first_line
 from ..preprocess import Preprocessing, finish_on_device, pixels_tensor, resize_on_host
-from ..sources import DEFAULT_MAX_PIXELS, ImageSource, decode_image
+from ..sources import DEFAULT_MAX_PIXELS, ImageSource, decode_source
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     """Decode and preprocess one image; every exception becomes a one-line failure reason."""
     start = time.perf_counter()
     try:
-        decoded = decode_image(image.path, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
+        decoded = decode_source(image, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
         decoded_at = time.perf_counter()
         with _one_thread():
             pixels, input_height, input_width, scale = resize_on_host(decoded.rgb, options.preprocessing)

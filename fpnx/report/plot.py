@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import FpnxError, UsageError, display_path, os_error_reason
-from ..sources import decode_image
+from ..errors import FpnxError, ImageError, UsageError, display_path, os_error_reason
+from ..sources import decode_source, locate_image
 from ..store import open_features
 from .inspection import select_image
 
@@ -85,7 +85,7 @@ def colormap(values: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def find_image(source: str, feature_path: Path, metadata: dict[str, Any], image_root: str | os.PathLike | None = None) -> Path | None:
-    """The image file ``source`` was extracted from, or None.
+    """The image file ``source`` was extracted from (or ``ARCHIVE/MEMBER`` for an archive member), or None.
 
     With ``image_root``: ``image_root/source`` only. Otherwise, for files that record their run's inputs
     (absolute) and working folder: ``source`` inside each folder input, beside each ``@list``, and relative to the
@@ -99,7 +99,7 @@ def find_image(source: str, feature_path: Path, metadata: dict[str, Any], image_
         candidates = [folder / source for folder in _input_folders(metadata, here)] + [here / source, Path(source)]
     for candidate in candidates:
         try:
-            if candidate.is_file():
+            if locate_image(str(candidate)) is not None:
                 return candidate
         except OSError:
             continue
@@ -164,7 +164,10 @@ def plot_features(
     picture, missing_reason = None, "image not found"
     if image_path is not None:
         try:
-            picture = Image.fromarray(decode_image(os.fspath(image_path)).rgb)
+            located = locate_image(os.fspath(image_path))
+            if located is None:
+                raise ImageError("it vanished")
+            picture = Image.fromarray(decode_source(located).rgb)
         except FpnxError as error:
             picture, missing_reason, image_path = None, f"cannot decode: {error}", None
 

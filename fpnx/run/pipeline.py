@@ -47,7 +47,7 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     check_output(Path(out))
     started = time.perf_counter()
     device = resolve_device(options.device)
-    discovery = discover(inputs)
+    discovery = discover(inputs, archives=options.archives)
     model = options.model if options.model is not None else build_model(options.weights, depth=options.depth,
                                                                          bn_eps=options.bn_eps)
     spec = options.preprocessing(model.preprocessing)

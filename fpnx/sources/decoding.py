@@ -2,19 +2,22 @@
 
 :func:`decode_image` is restricted to :data:`ALLOWED_FORMATS`, refuses what is unsafe or broken with a one-line
 :class:`~fpnx.errors.ImageError`, applies EXIF orientation and converts every Pillow mode to RGB by the
-documented rules. It is a plain module-level function with picklable arguments and result, so it can run in
-worker processes.
+documented rules. :func:`decode_source` does the same for an :class:`~fpnx.sources.discovery.ImageSource`,
+a file or one member of an archive. Both are plain module-level functions with picklable arguments and
+results, so they can run in worker processes.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import stat
 import struct
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
@@ -22,11 +25,20 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from ..errors import ImageError, os_error_reason
+from .archives import member_byte_limit, read_member
+from .discovery import ImageSource
 
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF", "JPEG2000", "HEIF")
 """Pillow format names decoding is restricted to. The content decides the format, the extension does not,
 so a ``.jpg`` that is really a PNG decodes, while a ``.jpg`` that is really EPS, PSD, ICO... is refused.
-Multi-picture JPEGs from cameras are opened by the JPEG plugin but report ``format == "MPO"``."""
+Multi-picture JPEGs from cameras are opened by the JPEG plugin but report ``format == "MPO"``. ``HEIF``
+(HEIC photos) is read only where the optional ``pillow-heif`` is installed (``pip install 'fpnx[heif]'``)."""
+
+HEIF_EXTRA = "pip install 'fpnx[heif]'"
+
+# ISO base media file brands of HEVC-coded HEIF ("heic" for iPhone photos); mif1/msf1 are generic HEIF brands
+# that AVIF files use too, so they count as HEIC only with an HEVC brand among the compatible ones.
+_HEVC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 
 # 2 x Pillow's default Image.MAX_IMAGE_PIXELS (89,478,485): the size at which Pillow itself refuses to open.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -76,8 +88,33 @@ _SIXTEEN_BIT_COLOUR_BASES = ("RGB", "RGBA", "RGBX")
 _LOW_BYTE_SUFFIX = {";16B": ";16L", ";16L": ";16B", ";16N": ";16B" if sys.byteorder == "little" else ";16L"}
 
 
-def decode_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_truncated: bool = False) -> DecodedImage:
-    """Decode the first frame of an image file into ``(H, W, 3)`` uint8 RGB.
+def decode_source(
+    image: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_truncated: bool = False
+) -> DecodedImage:
+    """:func:`decode_image` for what discovery found: a file, or one member of a ``.tar``/``.zip`` archive.
+
+    A member's bytes are read from the archive (opened read-only, never more than the member declares, and
+    refused unread when it declares more than :func:`~fpnx.sources.archives.member_byte_limit` of
+    ``max_pixels``), then decoded by the same rules as a file. A member discovery already found unreadable
+    (a damaged archive, a sparse or encrypted member...) fails with that reason.
+    """
+    member = image.member
+    if member is None:
+        return decode_image(image.path, max_pixels=max_pixels, allow_truncated=allow_truncated)
+    if member.problem is not None:
+        raise ImageError(member.problem)
+    with _open_regular_file(image.path) as archive:
+        data = read_member(archive, member, member_byte_limit(max_pixels))
+    return decode_image(io.BytesIO(data), max_pixels=max_pixels, allow_truncated=allow_truncated)
+
+
+def decode_image(
+    path: str | os.PathLike[str] | bytes | BinaryIO,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_truncated: bool = False,
+) -> DecodedImage:
+    """Decode the first frame of an image file (a path, or an open binary file) into ``(H, W, 3)`` uint8 RGB.
 
     Only :data:`ALLOWED_FORMATS` are tried. ``max_pixels`` is checked on the header's size before any
     pixel is decoded; it replaces Pillow's own decompression-bomb limit for this call (no
@@ -89,7 +126,9 @@ def decode_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_trunc
     - EXIF orientation is applied (the same transposition as ``ImageOps.exif_transpose``); unreadable or
       nonsensical EXIF means no rotation, never a failure. ``height``/``width`` are after orientation.
       Colour profiles (ICC) are ignored, as torchvision and detectron2 loaders do.
-    - Animated or multi-page files (GIF, APNG, WebP, TIFF, MPO) use their first frame.
+    - Animated or multi-page files (GIF, APNG, WebP, TIFF, MPO, AVIF sequences) use their first frame;
+      HEIF files their primary image. HEIF orientation (``irot``/``imir``) is applied by libheif while
+      decoding (its EXIF orientation then reads 1); AVIF's is given as EXIF orientation and applied here.
     - ``RGB`` is used as is. ``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` go through Pillow's
       ``convert("RGB")``.
     - Alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``P``/``L``/``RGB`` with a transparency key) is dropped
@@ -111,12 +150,16 @@ def decode_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, allow_trunc
     they are set for the duration of the call and restored, so run concurrent decodes in processes (as
     fpnx does), not threads.
     """
-    path = os.fsdecode(path)  # a Path or bytes works too
-    with _open_regular_file(path) as file, _pillow_settings(allow_truncated) as caught:
+    if hasattr(path, "read"):
+        opened, path = _nonempty(path), ""  # type: ignore[arg-type]
+    else:
+        path = os.fsdecode(path)  # a Path or bytes works too
+        opened = _open_regular_file(path)
+    with opened as file, _pillow_settings(allow_truncated) as caught:
         try:
             frame = _load_first_frame(file, max_pixels)
         except UnidentifiedImageError:
-            raise ImageError(_unidentified_reason(caught, path)) from None
+            raise ImageError(_unidentified_reason(caught, path, file)) from None
         except Image.DecompressionBombError as error:  # only if Pillow's limit is changed mid-call
             raise ImageError(_one_line(str(error), path)) from error
         except _PILLOW_DECODE_ERRORS as error:
@@ -137,7 +180,7 @@ class _Frame(NamedTuple):
 
 def _load_first_frame(file: BinaryIO, max_pixels: int) -> _Frame:
     """Open, check the size, decode the pixels and orient them. Only Pillow work happens here."""
-    image = Image.open(file, formats=ALLOWED_FORMATS)
+    image = Image.open(file, formats=_usable_formats())
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -178,6 +221,43 @@ def _open_regular_file(path: str) -> BinaryIO:
         raise
 
 
+def _nonempty(file: BinaryIO) -> nullcontext[BinaryIO]:
+    """An open file, checked to hold data; the caller keeps it open."""
+    file.seek(0, os.SEEK_END)
+    if file.tell() == 0:
+        raise ImageError("empty file")
+    file.seek(0)
+    return nullcontext(file)
+
+
+@functools.cache
+def heif_available() -> bool:
+    """Whether HEIF can be read: the optional ``pillow-heif`` is installed (its Pillow plugin is registered here)."""
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except (ImportError, OSError):  # not installed, or its libheif cannot load: HEIC files fail with a reason
+        return False
+    return True
+
+
+def _usable_formats() -> tuple[str, ...]:
+    # Image.open raises KeyError for a format name no plugin registered, so HEIF is left out without its plugin
+    return ALLOWED_FORMATS if heif_available() else tuple(name for name in ALLOWED_FORMATS if name != "HEIF")
+
+
+def _looks_like_heic(file: BinaryIO) -> bool:
+    file.seek(0)
+    head = file.read(64)
+    if head[4:8] != b"ftyp":
+        return False
+    box_end = int.from_bytes(head[:4], "big")
+    return head[8:12] in _HEVC_BRANDS or (
+        head[8:12] in (b"mif1", b"msf1") and any(brand in head[16:box_end] for brand in _HEVC_BRANDS)
+    )
+
+
 @contextmanager
 def _pillow_settings(allow_truncated: bool) -> Iterator[list[warnings.WarningMessage]]:
     """Set Pillow's process-wide decoding switches for one call, and put them back; yields its warnings."""
@@ -195,8 +275,10 @@ def _pillow_settings(allow_truncated: bool) -> Iterator[list[warnings.WarningMes
             ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS = saved
 
 
-def _unidentified_reason(caught: list[warnings.WarningMessage], path: str) -> str:
+def _unidentified_reason(caught: list[warnings.WarningMessage], path: str, file: BinaryIO) -> str:
     """Why no allowed format opened the file: for a file with an allowed format's header, that format's complaint."""
+    if not heif_available() and _looks_like_heic(file):
+        return f"a HEIC/HEIF image: reading it needs the optional extra, {HEIF_EXTRA}"
     reason = f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
     for warning in caught:
         name, opening_failed, why = str(warning.message).partition(" opening failed. ")
@@ -215,7 +297,7 @@ def _one_line(text: str, path: str) -> str:
 def _decode_reason(error: BaseException, path: str) -> str:
     text = _one_line(str(error), path)
     lowered = text.lower()
-    if "truncated" in lowered or "not enough image data" in lowered:
+    if "truncated" in lowered or "not enough image data" in lowered or "end of file" in lowered:
         return f"truncated image data ({text})"
     if isinstance(error, MemoryError):
         return "not enough memory to decode the image"
