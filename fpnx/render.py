@@ -226,7 +226,9 @@ def _inspection_grid(result) -> Table:
             f"{prep.get('resize')} resize to min {prep.get('min_size')} / max {prep.get('max_size')}, "
             f"padded to a multiple of {prep.get('size_divisibility')}",
         )
-    grid.add_row("stored", f"{result.dtype}, compression {result.compression}, computed in {result.precision}")
+    maps = f"{result.dtype}, compression {result.compression}" if result.maps else "no maps (--no-maps)"
+    pooled = f", per-channel {result.pool} vectors per level (float32)" if result.pool else ""
+    grid.add_row("stored", f"{maps}{pooled}, computed in {result.precision}")
     grid.add_row("levels", ", ".join(level.name for level in result.levels))
     if result.created or result.command:
         grid.add_row("made", escape(f"{result.created} by fpnx {result.fpnx_version} on {result.device}: "

@@ -138,7 +138,7 @@ def test_json_fields_are_the_documented_ones(features):
     data = json.loads(result.stdout)
     assert set(data) == {
         "path", "kind", "format_version", "images", "failures", "weights", "trained", "preprocessing", "precision",
-        "dtype", "compression", "levels", "size_on_disk", "files", "created", "fpnx_version", "command", "device",
+        "dtype", "compression", "pool", "maps", "levels", "size_on_disk", "files", "created", "fpnx_version", "command", "device",
         "links", "selected", "stats", "plot",
     }
     assert data["kind"] == "file" and data["images"] == 2 and data["files"] == 1

@@ -52,6 +52,8 @@ class Inspection:
     precision: str | None
     dtype: str
     compression: str
+    pool: str | None  # "avg" or "max" where pooled vectors are stored (--pool)
+    maps: bool  # False for a file written with --no-maps: pooled vectors only
     levels: list[LevelReport]
     size_on_disk: int
     files: int  # HDF5 files holding the images: 1 for a finished file, the committed segments of a .parts folder
@@ -92,6 +94,8 @@ def inspect_features(
         indices: list[int] | None = None
         if image is not None:
             indices = [select_image(reader, image)]
+        if stats and not reader.has_maps:
+            raise UsageError(f"{path} stores no feature maps (written with --no-maps): there are no values for --stats")
         if images or image is not None:
             targets = indices if indices is not None else range(len(reader))
             selected_rows = [_image_info(reader, i) for i in targets]
@@ -116,6 +120,8 @@ def inspect_features(
             precision=metadata.get("precision"),
             dtype=reader.dtype,
             compression=reader.layout.compression,
+            pool=reader.pool,
+            maps=reader.has_maps,
             levels=_levels(reader, infos, files),
             size_on_disk=_size_on_disk(path),
             files=len(files),
@@ -168,7 +174,8 @@ def _image_info(reader: FeatureReader, i: int) -> ImageInfo:
 
 def _levels(reader: FeatureReader, infos: list[dict[str, Any]], files: list[Path]) -> list[LevelReport]:
     sizes = [(info["input_height"], info["input_width"]) for info in infos]
-    reports = level_reports(sizes, reader.strides, reader.channels, np.dtype(reader.dtype).itemsize)
+    itemsize = np.dtype(reader.dtype).itemsize if reader.has_maps else 0
+    reports = level_reports(sizes, reader.strides, reader.channels, itemsize)
     stored = _stored_bytes(files, reader.levels)
     for report in reports:
         report.stored_bytes = stored.get(report.name)
