@@ -1,8 +1,9 @@
 """The host side of ``fpnx.extract`` alone: everything but the network, against the limits of this machine.
 
-    python benchmarks/host_pipeline.py --images 48
+    python benchmarks/host_pipeline.py --images 96 --small-images 600 --repeat 3
 
-Rates are marginal (extract of all images minus extract of the first quarter), so start-up costs cancel.
+Rates run from the first stored image to the end of the run (finalize included, start-up not); the page cache
+is written back and dropped before each measurement where allowed (root).
 The network is replaced by a stub (a real fpnx model, passed through the public ``model=`` argument, whose
 forward returns preallocated outputs of the right shapes at once), so what is timed is decoding, resizing,
 batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output, disk-bound; float16
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,10 +34,19 @@ import torch
 from PIL import Image
 
 import fpnx
-from fpnx.models import FeaturePyramid, map_size
-from fpnx.models.weights import random_weights
+from fpnx.models import FeaturePyramid
 from fpnx.preprocess import padded_size, prepare_image, resized_size
-from fpnx.sources import decode_image
+
+try:  # also runs against older fpnx checkouts, for before/after figures
+    from fpnx.models.weights import random_weights
+    from fpnx.sources import decode_image
+except ImportError:
+    from fpnx.images import decode_image
+    from fpnx.weights import random_weights
+
+
+def map_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    return math.ceil(height / stride), math.ceil(width / stride)
 
 CONFIGS = {"dense": ("p2", "p3", "p4", "p5", "p6"), "small": ("p5", "p6")}
 
@@ -109,42 +120,60 @@ def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
     return count / seconds
 
 
+def settle_page_cache() -> None:
+    """Write back and drop the page cache where allowed (root on Linux), so that every measurement starts from the
+    same memory state: on a shared VM, how much the cache holds moves write speed by several times."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("3")
+    except OSError:
+        pass
+
+
 def timed_extract(paths: list[Path], out: Path, levels, args) -> tuple[float, object]:
-    start = time.perf_counter()
+    """Images/s from the moment a tenth of the images are stored to the end of the run (finalize included; the
+    start-up of the model and of every worker process not), and the summary."""
+    first: list[float] = []
+    start_at = max(1, len(paths) // 10)
+
+    def progress(state) -> None:
+        if state.done >= start_at and not first:
+            first.append(time.perf_counter())
+
     summary = fpnx.extract(
         [str(path) for path in paths], out, model=StubPyramid(), levels=list(levels), dtype="float16",
         min_size=args.min_size, max_size=args.max_size, batch_size=args.batch_size, workers=args.workers,
-        device="cpu", overwrite=True,
+        device="cpu", overwrite=True, progress=progress,
     )
     assert summary.images_stored == len(paths), summary.failures
-    return time.perf_counter() - start, summary
+    return (len(paths) - start_at) / (time.perf_counter() - first[0]), summary
 
 
 def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per_image: int) -> dict:
-    """Marginal rate: extracts of the first quarter and of all images; start-up costs cancel out."""
-    first = max(1, len(paths) // 4)
     out = work / f"{name}.h5"
+    settle_page_cache()
     before = raw_write_rate(work, bytes_per_image, len(paths))
-    short, _ = timed_extract(paths[:first], out, levels, args)
-    out.unlink()
-    wall, summary = timed_extract(paths, out, levels, args)
+    settle_page_cache()
+    rate, summary = timed_extract(paths, out, levels, args)
     size = out.stat().st_size
     out.unlink()
+    settle_page_cache()
     after = raw_write_rate(work, bytes_per_image, len(paths))
     count = len(paths)
     per_image = {stage: 1000 * summary.timings[stage] / count for stage in ("decode", "preprocess", "model", "write")}
     return {
-        "config": name, "levels": list(levels), "images": count, "wall_s": wall, "wall_s_first": short,
-        "first": first, "images_per_s": (count - first) / (wall - short), "images_per_s_with_start": count / wall,
-        "file_bytes": size, "write_mb_per_s": size * (count - first) / count / (wall - short) / 1e6,
-        "ms_per_image": per_image, "timings_s": summary.timings, "raw_write_images_per_s": [before, after],
-        "mean_batch_fill": summary.mean_batch_fill,
+        "config": name, "levels": list(levels), "images": count, "images_per_s": rate,
+        "images_per_s_with_start": summary.images_per_s, "file_bytes": size,
+        "write_mb_per_s": rate * size / count / 1e6, "ms_per_image": per_image, "timings_s": summary.timings,
+        "raw_write_images_per_s": [before, after], "mean_batch_fill": getattr(summary, "mean_batch_fill", None),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=96, help="images for the dense configuration")
+    parser.add_argument("--small-images", type=int, default=600, help="images for the small (P5-P6) one")
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -153,35 +182,37 @@ def main() -> None:
     parser.add_argument("--configs", default="dense,small")
     parser.add_argument("--workdir", default=None, help="folder on the disk to measure (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each configuration this many times")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         folder = work / "images"
         folder.mkdir()
-        paths = make_jpegs(folder, args.images)
+        paths = make_jpegs(folder, max(args.images, args.small_images))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         args.workers = cores if args.workers is None else args.workers
         spec = StubPyramid().preprocessing.replace(min_size=args.min_size, max_size=args.max_size)
         height, width, _ = resized_size(480, 640, spec)
-        decode_rate, resize_rate = one_core_rates(paths, spec)
+        decode_rate, resize_rate = one_core_rates(paths[:64], spec)
         cpu_limit = cores / (1 / decode_rate + 1 / resize_rate)
-        print(f"{args.images} JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
+        print(f"JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
               f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image; "
               f"CPU limit on {cores} cores {cpu_limit:.1f} images/s", flush=True)
         results = []
-        for name in args.configs.split(","):
+        for name in [name for name in args.configs.split(",") for _ in range(args.repeat)]:
             levels = CONFIGS[name]
             bytes_per_image = sum(256 * np.prod(map_size(height, width, 2 ** int(level[1]))) * 2 for level in levels)
-            result = run_config(name, levels, paths, work, args, int(bytes_per_image))
+            count = args.images if name == "dense" else args.small_images
+            result = run_config(name, levels, paths[:count], work, args, int(bytes_per_image))
             raw = statistics.mean(result["raw_write_images_per_s"])
             result.update(bytes_per_image=int(bytes_per_image), raw_write_images_per_s_mean=raw,
                           ratio_to_raw_write=result["images_per_s"] / raw, cpu_limit_images_per_s=cpu_limit,
                           ratio_to_cpu_limit=result["images_per_s"] / cpu_limit)
             results.append(result)
             stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_image"].items())
-            print(f"{name:5s} {'-'.join(levels)} float16, {bytes_per_image / 1e6:.1f} MB/image: "
-                  f"{result['images_per_s']:.2f} images/s marginal ({result['images_per_s_with_start']:.2f} with "
+            print(f"{name:5s} {'-'.join(levels)} float16, {count} images, {bytes_per_image / 1e6:.1f} MB/image: "
+                  f"{result['images_per_s']:.2f} images/s ({result['images_per_s_with_start']:.2f} with "
                   f"start-up), {result['write_mb_per_s']:.0f} MB/s written; "
                   f"ms/image {stages}; raw write {raw:.2f} images/s "
                   f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "

@@ -64,7 +64,7 @@ def extract(
     levels: Annotated[str, typer.Option(help="Comma-separated levels to store.")] = "p2,p3,p4,p5,p6",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same padded size only).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 overflow falls back to fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 (IEEE, TF32 off), bf16, fp16 (overflow falls back to fp32) or tf32 (CUDA TF32 on).")] = "fp32",
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.")] = None,
     min_size: Annotated[int, typer.Option(help="Shorter side after resizing.")] = 800,
     max_size: Annotated[int, typer.Option(help="Cap on the longer side after resizing.")] = 1333,
@@ -167,7 +167,7 @@ def inspect_command(
 @app.command("bench")
 def bench_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (autocast) or tf32 (CUDA TF32 on).")] = "fp32",
     batch_size: Annotated[str, typer.Option(help="Images per forward pass; several (1,2,4,8) sweep.")] = "1",
     size: Annotated[str, typer.Option(help="Input HxW; several (512x768,800x1216) sweep.")] = "800x1216",
     iters: Annotated[int, typer.Option(help="Timed iterations per setting.")] = 10,

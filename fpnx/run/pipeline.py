@@ -91,7 +91,7 @@ def _loader(todo, spec, options: ExtractOptions, device: torch.device) -> ImageL
     """Workers that finish the preprocessing on the CPU, or only decode for a GPU, handing images over through
     enough shared-memory slots for every image in flight, waiting for batch mates, or in the batch running."""
     workers = default_workers(device) if options.workers is None else options.workers
-    prefetch = max(2 * workers, options.batch_size * 2)
+    prefetch = max(4 * workers, options.batch_size * 2)
     load = LoadOptions(spec, options.max_pixels, options.allow_truncated, finish_here=device.type != "cuda")
     slots = prefetch + default_window(options.batch_size) + 2 * options.batch_size
     return ImageLoader(todo, load, workers=workers, prefetch=prefetch, slots=slots)
