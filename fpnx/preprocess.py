@@ -7,6 +7,7 @@ mismatched (RGB vs BGR, 0-1 vs 0-255, mean/std, resize rule).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -196,6 +197,14 @@ def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(pixels)
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_and_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, 1, 1)`` float32 tensors on ``device``, made once: a fresh small host-to-GPU copy per image would make
+    the host wait for everything queued on the GPU."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+            torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
+
+
 def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tuple[int, int]) -> torch.Tensor:
     """Float32 ``(3, h, w)`` network input from :func:`resize_on_host`'s uint8 ``(H, W, 3)`` pixels, on their
     device: scaled, channels in ``pixel_order``, normalised, and (torchvision weights) resized to
@@ -209,8 +218,7 @@ def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tupl
         divisor = 255.0 / spec.value_range
         if divisor != 1.0:
             tensor.div_(divisor)
-        mean = torch.tensor(spec.mean, dtype=torch.float32, device=tensor.device)[:, None, None]
-        std = torch.tensor(spec.std, dtype=torch.float32, device=tensor.device)[:, None, None]
+        mean, std = _mean_and_std(spec.mean, spec.std, tensor.device)
         tensor.sub_(mean).div_(std)
         if tuple(tensor.shape[1:]) != tuple(input_size):
             tensor = F.interpolate(tensor[None], size=input_size, mode="bilinear", align_corners=False)[0]

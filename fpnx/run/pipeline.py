@@ -144,7 +144,7 @@ class ExtractRun:
 
     def _stage(self, loader: ImageLoader) -> HostStage | CudaStage:
         if self.device.type != "cuda":
-            return HostStage(loader, self.model.size_divisibility)
+            return HostStage(loader, self.model.size_divisibility, self.device)
         spec = loader.options.preprocessing
         output_bytes = sum(self.channels.values()) * 4 + 64 * len(self.strides) if self.options.pool else 0
         if self.options.maps:

@@ -33,28 +33,30 @@ class HostFeatures:
 
 
 class HostStage:
-    """Batches for, and features from, a model running on the CPU."""
+    """Batches for, and features from, a model running on the CPU (or a device without CUDA's streams, such as
+    MPS, which gets the CPU's batches copied over)."""
 
-    def __init__(self, loader: ImageLoader, divisibility: int) -> None:
+    def __init__(self, loader: ImageLoader, divisibility: int, device: torch.device) -> None:
         self.loader = loader
         self.divisibility = divisibility
+        self.device = device
 
     def inputs(self, batch: Sequence[LoadedImage]) -> torch.Tensor:
         """The padded float32 batch; the images' slots stay taken until :meth:`release`."""
         if len(batch) == 1 and batch[0].padded is not None:
-            return torch.from_numpy(batch[0].padded)[None]
+            return torch.from_numpy(batch[0].padded)[None].to(self.device)
         height, width = padded_size(batch[0].input_height, batch[0].input_width, self.divisibility)
         stacked = torch.zeros(len(batch), 3, height, width)
         for index, item in enumerate(batch):
             stacked[index, :, : item.input_height, : item.input_width] = torch.from_numpy(item.pixels)
-        return stacked
+        return stacked.to(self.device)
 
     def release(self, batch: Sequence[LoadedImage]) -> None:
         for item in batch:
             self.loader.release(item)
 
     def to_host(self, crops: Sequence[Mapping[str, torch.Tensor]]) -> list[HostFeatures]:
-        return [HostFeatures({name: tensor.numpy() for name, tensor in features.items()}) for features in crops]
+        return [HostFeatures({name: tensor.cpu().numpy() for name, tensor in features.items()}) for features in crops]
 
 
 class CudaStage:

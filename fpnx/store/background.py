@@ -66,7 +66,9 @@ class BackgroundWriter:
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is not None:
+            if self._error is not None:  # skipped, but its buffers go back: the producer may be waiting for them
+                if isinstance(item[0], ImageRecord) and item[-1] is not None:
+                    item[-1]()
                 continue
             start = time.perf_counter()
             try:
