@@ -161,7 +161,8 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
     settle_page_cache()
     after = raw_write_rate(work, bytes_per_image, len(paths))
     count = len(paths)
-    per_image = {stage: 1000 * summary.timings[stage] / count for stage in ("decode", "preprocess", "model", "write")}
+    per_image = {stage: 1000 * summary.timings.get(stage, 0.0) / count
+                 for stage in ("decode", "preprocess", "model", "write", "finalize")}
     return {
         "config": name, "levels": list(levels), "images": count, "images_per_s": rate,
         "images_per_s_with_start": summary.images_per_s, "file_bytes": size,

@@ -111,9 +111,9 @@ def print_extract_summary(summary) -> None:
     print_table(out, "levels", ("level", "stride", "C", "min", "median", "max", "bytes"),
                 [(level.name, str(level.stride), str(level.channels), _hw(level.min_hw), _hw(level.median_hw),
                   _hw(level.max_hw), human_bytes(level.bytes)) for level in summary.levels])
-    stages = ("decode", "preprocess", "model", "write", "total")
+    stages = ("decode", "preprocess", "model", "write", "finalize", "total")
     print_table(out, "timings (s; decode/preprocess summed over workers)", (*stages, "images/s", "batch fill"),
-                [(*(f"{summary.timings[name]:.2f}" for name in stages), f"{summary.images_per_s:.2f}",
+                [(*(f"{summary.timings.get(name, 0.0):.2f}" for name in stages), f"{summary.images_per_s:.2f}",
                   f"{summary.mean_batch_fill:.0%}")], left=0)
     if summary.fp32_fallbacks:
         out.print(f"[yellow]{summary.fp32_fallbacks} batch(es) overflowed in reduced precision and ran again in fp32")

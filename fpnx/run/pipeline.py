@@ -131,7 +131,7 @@ class ExtractRun:
         self.total = total
         self.fp32_fallbacks = 0
         self.batch_fill = 1.0
-        self.timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
+        self.timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0, "finalize": 0.0}
         self.started = time.perf_counter()
         self._clamped: list[torch.Tensor] = []
         self._gpu_spans: list[tuple] = []
@@ -170,7 +170,9 @@ class ExtractRun:
                     # also after an error or Ctrl-C: what is queued is finished work, and the writer thread must
                     # be done with the writer before anyone commits or closes it
                     self._stop_output()
+                finalizing = time.perf_counter()
                 self.writer.finalize()
+                self.timings["finalize"] = time.perf_counter() - finalizing
             except KeyboardInterrupt:
                 self._stop_output()  # a signal during the first stop: the thread may still hold the writer
                 self.writer.close()

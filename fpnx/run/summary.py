@@ -11,8 +11,9 @@ from typing import Any
 from ..report.levels import LevelReport
 from ..store import MergeSummary
 
-STAGES = ("decode", "preprocess", "model", "write")
-"""Where a run's time goes; ``timings`` also has ``total`` (wall time) and, for sharded runs, ``merge``."""
+STAGES = ("decode", "preprocess", "model", "write", "finalize")
+"""Where a run's time goes (``finalize``: merging the committed segments into the output); ``timings`` also has
+``total`` (wall time) and, for sharded runs, ``merge``."""
 
 
 @dataclass
