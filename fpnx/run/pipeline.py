@@ -150,7 +150,7 @@ class ExtractRun:
         if self.options.maps:
             output_bytes += max_output_bytes(spec, self.strides, self.channels, np.dtype(self.options.dtype).itemsize)
         return CudaStage(loader, self.device, spec, self.model.size_divisibility, output_bytes,
-                         buffers=self.options.batch_size * 2 + WRITE_QUEUE + 2)
+                         buffers=self.options.batch_size + WRITE_QUEUE + 2)
 
     def process_all(self, loader: ImageLoader) -> None:
         """Every image of ``loader`` into the store, then finalize it; Ctrl-C/SIGTERM keep what is finished."""
@@ -195,7 +195,7 @@ class ExtractRun:
         events = self._events(2)
         inputs = self.stage.inputs(batch)
         if events:
-            events[1].record()
+            events[1].record(torch.cuda.current_stream(self.device))
         with _threads(self._compute_threads):
             outputs = run_model(self.model, inputs, self.options.precision)
         reduced = PRECISIONS[self.options.precision] is not None
@@ -213,7 +213,7 @@ class ExtractRun:
         self.stage.release(launched.batch)
         if launched.events:
             done = torch.cuda.Event(enable_timing=True)
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))
             self._gpu_spans.append((*launched.events, done))
         else:
             self.timings["model"] += time.perf_counter() - launched.started
@@ -253,7 +253,7 @@ class ExtractRun:
         if self.device.type != "cuda":
             return None
         events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(count))
-        events[0].record()
+        events[0].record(torch.cuda.current_stream(self.device))
         return events
 
     def _settle_device_counts(self) -> None:
