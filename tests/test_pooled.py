@@ -75,6 +75,8 @@ def test_no_maps_is_small_reads_back_and_refuses_map_reads(with_maps, tmp_path):
         assert not reader.has_maps
         with pytest.raises(fpnx.UsageError, match="no feature maps"):
             reader[0]
+    with pytest.raises(fpnx.UsageError, match="no feature maps"):
+        fpnx.FeatureDataset(out)
     shown = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert shown["pool"] == "avg" and shown["maps"] is False and shown["images"] == 5
     refused = CliRunner().invoke(app, ["extract", str(SAMPLES), "--out", str(tmp_path / "x.h5"), "--no-maps", *CLI])

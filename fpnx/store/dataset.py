@@ -28,6 +28,9 @@ class FeatureDataset(Dataset):
         self, path: str | os.PathLike[str], *, levels: Sequence[str] | None = None, dtype: torch.dtype | None = torch.float32
     ) -> None:
         self.reader: FeatureReader = open_features(path)
+        if not self.reader.has_maps:
+            raise UsageError(f"{self.reader.path} stores no feature maps (written with --no-maps): use "
+                             f"torch.from_numpy(reader.pooled(level)) for its pooled vectors")
         levels = checked_levels(self.reader.layout, self.reader.path, levels)
         if not levels:
             raise UsageError(f"{self.reader.path}: choose at least one of its levels {', '.join(self.reader.levels)}")
