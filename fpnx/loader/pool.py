@@ -83,6 +83,7 @@ class ImageLoader:
         self._pool: ProcessPoolExecutor | None = None
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
+        self._leaving: list[ProcessPoolExecutor] = []  # shut down, workers still exiting
 
     def __iter__(self) -> Iterator[LoadedImage]:
         pending: collections.deque[tuple[ImageSource, SlotRef | None, Future]] = collections.deque()
@@ -105,7 +106,9 @@ class ImageLoader:
                         self._release_slot(taken)
                         yield self._load_isolated(queued)
         finally:
-            self.close()
+            # every image is in: the workers may leave while the caller finishes (close() waits for them)
+            self._stop_pool(wait=False)
+            self._free_slots()
 
     @property
     def slot_bytes(self) -> int | None:
@@ -165,13 +168,20 @@ class ImageLoader:
             return LoadedImage(image, error="the decoder crashed (its worker process died)")
 
     def close(self) -> None:
-        """Stop the workers and free the slots (arrays already handed out stay valid)."""
+        """Stop the workers, wait for them to be gone, and free the slots (arrays handed out stay valid)."""
         self._stop_pool()
+        self._free_slots()
+
+    def _stop_pool(self, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._leaving.append(self._pool)
+            self._pool = None
+        if wait:
+            while self._leaving:
+                self._leaving.pop().shutdown(wait=True)
+
+    def _free_slots(self) -> None:
         if self._slots is not None:
             self._slots.close()
             self._slots = None
-
-    def _stop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
