@@ -252,3 +252,4 @@ def test_summary_reports_the_mean_batch_fill(tmp_path):
     # at 128/224 two photos pad to 128x128 and three to 128x192: batches of 2, 2 and 1
     assert summary.mean_batch_fill == pytest.approx(5 / 6)
     assert summary.to_dict()["mean_batch_fill"] == summary.mean_batch_fill
+    assert 0 < summary.timings["finalize"] < summary.timings["total"]  # merging the segments, on its own

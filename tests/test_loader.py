@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_images_come_through_shared_memory_equal_and_padded(photos):
         loader.release(item)
     assert seen == [source.source for source in photos]
     assert shared_blocks() <= before, "the shared memory block outlived the loader"
+    workers = [process.pid for process in multiprocessing.active_children()]
+    assert workers  # they began to leave with the last image...
+    loader.close()  # ...and close() waits until they are gone
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
 
 
 def test_a_consumer_that_keeps_every_image_never_blocks_the_loader(photos):

@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -661,3 +662,24 @@ def test_merge_two_stores(tmp_path):
     merge_stores([merged], merged, overwrite=True)  # the output may be an input: it is replaced atomically
     with open_features(merged) as reader:
         expect_images(reader, range(6))
+
+
+def test_background_writer_gives_buffers_back_after_an_error():
+    """A producer may be waiting for those buffers (the CUDA path's pinned pool): they come back, written or not."""
+    from fpnx.store.background import BackgroundWriter
+
+    queued = threading.Event()
+
+    class Failing:
+        def add(self, record, features, pooled=None):
+            queued.wait(10)  # all three are in the queue when the first write fails
+            raise OSError(28, "No space left on device")
+
+    returned = []
+    background = BackgroundWriter(Failing(), on_written=lambda: None)
+    for k in range(3):
+        background.add(image(k)[0], {}, done=lambda k=k: returned.append(k))
+    queued.set()
+    with pytest.raises(OSError, match="No space"):
+        background.stop()
+    assert returned == [0, 1, 2]

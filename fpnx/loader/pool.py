@@ -83,7 +83,7 @@ class ImageLoader:
         self._pool: ProcessPoolExecutor | None = None
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
-        self._leaving: list[ProcessPoolExecutor] = []  # shut down, workers still exiting
+        self._leaving: list[multiprocessing.process.BaseProcess] = []  # workers of a shut-down pool, exiting
 
     def __iter__(self) -> Iterator[LoadedImage]:
         pending: collections.deque[tuple[ImageSource, SlotRef | None, Future]] = collections.deque()
@@ -173,13 +173,19 @@ class ImageLoader:
         self._free_slots()
 
     def _stop_pool(self, wait: bool = True) -> None:
+        """Shut the workers down; without ``wait`` they exit in the background until a later call waits.
+
+        A shutdown that does not wait drops the executor's own handles, so the worker processes are kept here
+        (where the executor does not show them, it waits at once)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._leaving.append(self._pool)
+            processes = getattr(self._pool, "_processes", None)
+            leaving = list(processes.values()) if isinstance(processes, dict) else None
+            self._pool.shutdown(wait=wait or leaving is None, cancel_futures=True)
+            self._leaving.extend(leaving or [])
             self._pool = None
         if wait:
             while self._leaving:
-                self._leaving.pop().shutdown(wait=True)
+                self._leaving.pop().join()
 
     def _free_slots(self) -> None:
         if self._slots is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..loader import ImageLoader, LoadedImage
+from ..loader.slots import slot_size
 from ..models import map_size
 from ..preprocess import Preprocessing, finish_on_device, padded_size, pixels_tensor
 
@@ -96,7 +97,7 @@ class CudaStage:
         which compute waits for. An image larger than the buffers takes an ordinary (synchronous) copy."""
         source = pixels_tensor(pixels)
         if not self._staging:
-            size = self.loader.slot_bytes or 3 * 2048 * 2048
+            size = self.loader.slot_bytes or slot_size(self.spec, finished=False)
             self._staging = [(torch.empty(size, dtype=torch.uint8, pin_memory=True), None) for _ in range(4)]
         index = self._next_staging
         self._next_staging = (index + 1) % len(self._staging)
