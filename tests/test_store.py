@@ -21,6 +21,7 @@ import pytest
 
 from fpnx.errors import StoreError, UsageError
 from fpnx.store import FORMAT_VERSION, FeatureReader, FeatureWriter, ImageRecord, merge_stores, open_features
+from fpnx.store import merge as merge_module
 from fpnx.store import segment as segment_module
 
 LEVELS = ["p2", "p3", "p6"]
@@ -683,3 +684,119 @@ def test_background_writer_gives_buffers_back_after_an_error():
     with pytest.raises(OSError, match="No space"):
         background.stop()
     assert returned == [0, 1, 2]
+
+
+# -- finalize and merge copy uncompressed blocks by their bytes ---------------------------------------------------
+
+
+def _block_layouts(path: Path) -> list[tuple]:
+    with h5py.File(path, "r") as f:
+        return [(level, d.shape, d.chunks, d.maxshape, d.compression)
+                for _, block in sorted(f["blocks"].items()) for level, d in block.items()]
+
+
+def _spy_on_byte_copies(monkeypatch) -> list[bool]:
+    results: list[bool] = []
+    real = merge_module.copy_dataset_bytes
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(merge_module, "copy_dataset_bytes", spy)
+    return results
+
+
+def _big_image(k: int) -> tuple[ImageRecord, dict[str, np.ndarray]]:
+    """p2 of 3 x 316 x (316 - k) float32: more than one 1 MiB chunk."""
+    side = 1264
+    rng = np.random.default_rng(100 + k)
+    record = ImageRecord(f"big/{k}.jpg", side, side, side, side - 4 * k, 1.0)
+    return record, {level: rng.standard_normal((CHANNELS[level], math.ceil(side / STRIDES[level]),
+                                                math.ceil((side - 4 * k) / STRIDES[level]))).astype("float32")
+                    for level in LEVELS}
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "read-write"])
+def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch, kernel):
+    copies = _spy_on_byte_copies(monkeypatch)
+    if not kernel:  # a file system (or kernel) that refuses copy_file_range: plain reads and writes do it
+        def refused(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    out = tmp_path / "out.h5"
+    expected = {}
+    with writer(out) as w:
+        for k in range(9):
+            record, features = _big_image(k) if k % 3 == 1 else image(k)
+            w.add(record, features)
+            expected[record.source] = features
+            if k % 3 == 2:
+                w.commit()
+        segments = [layout for number in (1, 2, 3)
+                    for layout in _block_layouts(tmp_path / "out.h5.parts" / f"seg-{number:06d}.h5")]
+        w.finalize()
+    assert copies == [True] * 9  # three blocks of three levels, none through HDF5's object copy
+    assert _block_layouts(out) == segments  # same shapes, chunks (1 MiB or the block's size) and maxshape
+    assert max(chunks[0] for _, _, chunks, _, _ in segments) == (1 << 20) // 4
+    with open_features(out) as reader:
+        assert reader.sources == list(expected)
+        for source, features in expected.items():
+            for level in LEVELS:
+                np.testing.assert_array_equal(reader[source][level], features[level])
+
+
+def test_compressed_and_contiguous_blocks_are_merged_too(tmp_path, monkeypatch):
+    copies = _spy_on_byte_copies(monkeypatch)
+    compressed = _finished(tmp_path / "lzf.h5", range(3), compression="lzf")
+    first, second = _finished(tmp_path / "first.h5", range(3)), _finished(tmp_path / "second.h5", range(3, 6))
+    copies.clear()
+    merge_stores([compressed], tmp_path / "lzf-merged.h5")
+    assert copies == [False] * 3  # HDF5 moves compressed chunks as stored
+    assert [layout[-1] for layout in _block_layouts(tmp_path / "lzf-merged.h5")] == ["lzf"] * 3
+    with h5py.File(second, "r+") as f:  # another program's way of writing a block: HDF5's contiguous layout
+        data = f["blocks/000001/p2"][...]
+        del f["blocks/000001/p2"]
+        f.create_dataset("blocks/000001/p2", data=data)
+    copies.clear()
+    merged = merge_stores([first, second], tmp_path / "merged.h5")
+    assert copies == [True] * 6
+    with h5py.File(merged, "r") as f:
+        assert f["blocks/000002/p2"].chunks is None and f["blocks/000002/p3"].chunks is not None
+    with open_features(merged) as reader:
+        expect_images(reader, range(6))
+
+
+def _finalize_beyond_size_limit(out: Path, result) -> None:
+    """A real failed write during finalize's byte copies: the file size limit refuses it (EFBIG), as a full disk
+    would."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    w = writer(out)
+    for k in range(4):
+        w.add(*_big_image(k))
+    w.commit()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))  # the output needs ~5 MB
+    try:
+        w.finalize()
+        result.put("no error")
+    except StoreError as error:
+        result.put(str(error))
+
+
+def test_a_failed_byte_copy_keeps_the_parts_and_says_so(tmp_path):
+    out = tmp_path / "out.h5"
+    result = FORK.Queue()
+    child = FORK.Process(target=_finalize_beyond_size_limit, args=(out, result))
+    child.start()
+    message = result.get(timeout=60)
+    child.join(10)
+    assert message == (f"cannot write {out}: File too large; the 4 images in {tmp_path / 'out.h5.parts'} are kept; "
+                       "fix that and run the same command again")
+    assert not out.exists() and not (tmp_path / "out.h5.tmp").exists()
+    with writer(out) as w:
+        assert w.stored_count == 4
+        w.finalize()
+    with open_features(out) as reader:
+        for k in range(4):
+            record, features = _big_image(k)
+            np.testing.assert_array_equal(reader[record.source]["p2"], features["p2"])

@@ -91,6 +91,11 @@ class FailSafeFile(io.RawIOBase):
         self._file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
         self.failure: OSError | None = None
 
+    @property
+    def descriptor(self) -> int:
+        """The file's descriptor, for copies that bypass HDF5 (they raise their own failures)."""
+        return self._file.fileno()
+
     def readable(self) -> bool:
         return True
 

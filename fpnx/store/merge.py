@@ -1,7 +1,8 @@
 """Merge fpnx files and ``.parts`` folders into one file, atomically (``.tmp`` + fsync + rename).
 
-Blocks are copied with HDF5's object copy (H5Ocopy), which moves chunks as stored: compressed data is never
-decompressed, so merging costs about as much as copying the files. :func:`merge_into` is the one merge:
+Uncompressed blocks are copied byte for byte by the kernel; compressed ones with HDF5's object copy (H5Ocopy),
+which moves chunks as stored: compressed data is never decompressed, so merging costs about as much as copying
+the files. :func:`merge_into` is the one merge:
 ``merge_stores``, shard merges and ``FeatureWriter.finalize`` all go through it.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from . import schema
+from .chunkcopy import copy_dataset_bytes
 from .files import describe_os_error, publish, remove_file
 from .lock import OutputLock
 from .parts import tmp_path_for
@@ -119,7 +121,7 @@ def write_merged(
                     renumbering = {}
                     for old in _block_numbers(store):
                         number = len(blocks) + 1
-                        _copy_block(store, old, blocks.create_group(schema.block_name(number)))
+                        _copy_block(store, old, blocks.create_group(schema.block_name(number)), target.descriptor)
                         renumbering[old] = number
                     segments.append(_renumber(store, index, renumbering))
                     indexes.append(index)
@@ -164,10 +166,13 @@ def _block_numbers(store: StoreFile) -> list[int]:
     return sorted(numbers)
 
 
-def _copy_block(store: StoreFile, block: int, target: h5py.Group) -> None:
-    """Copy one block's level datasets with H5Ocopy (chunks as stored), each checked first to be plain data."""
+def _copy_block(store: StoreFile, block: int, target: h5py.Group, target_fd: int) -> None:
+    """Copy one block's level datasets, each checked first to be plain data: uncompressed ones byte for byte in
+    the kernel (:mod:`fpnx.store.chunkcopy`), others with H5Ocopy (chunks as stored)."""
     for level in store.layout.levels:
-        store.h5.copy(store.block_dataset(block, level), target, name=level)
+        dataset = store.block_dataset(block, level)
+        if not copy_dataset_bytes(dataset, store.path, target, level, target_fd):
+            store.h5.copy(dataset, target, name=level)
 
 
 def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:

@@ -50,6 +50,10 @@ class NewFile:
     def failure(self) -> OSError | None:
         return self._raw.failure
 
+    @property
+    def descriptor(self) -> int:
+        return self._raw.descriptor
+
     def check(self) -> None:
         """Raise the first failed write, if any."""
         if self._raw.failure is not None:
