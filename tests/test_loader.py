@@ -78,6 +78,34 @@ def test_images_come_through_shared_memory_equal_and_padded(photos):
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
 
 
+def test_tasks_of_several_images_come_back_in_order_through_their_slots(photos):
+    images = photos * 2 + photos[:1]  # 13 images: the last task holds one
+    loader = ImageLoader(images, LoadOptions(SPEC), workers=2, prefetch=8, slots=16, per_task=4)
+    seen = []
+    for item in loader:
+        assert item.slot is not None
+        assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
+        seen.append(item.origin.source)
+        loader.release(item)
+    loader.close()
+    assert seen == [source.source for source in images]
+
+
+def test_a_crash_inside_a_task_of_several_images_costs_one_image(tmp_path):
+    names = ["a.png", "b.png", "c.png", "crash.png", "e.png", "f.png", "g.png"]
+    sources = [ImageSource(str(hostile.photo(tmp_path / name, seed=k)), name) for k, name in enumerate(names)]
+    loader = ImageLoader(sources, LoadOptions(SPEC), workers=2, prefetch=6, slots=8, per_task=3,
+                         load=hostile.load_or_get_killed)
+    loaded = list(loader)
+    loader.close()
+    assert [item.origin.source for item in loaded] == names  # in order, each once
+    assert [item.ok for item in loaded] == [True, True, True, False, True, True, True]
+    assert "crashed" in loaded[3].error and loader.crashes == 1
+    for item in loaded:
+        if item.ok:
+            assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
+
+
 def test_a_consumer_that_keeps_every_image_never_blocks_the_loader(photos):
     """Slots only speed things up: with too few of them (or none released), images travel pickled."""
     loader = ImageLoader(photos * 3, LoadOptions(SPEC), workers=2, prefetch=4, slots=2)
