@@ -594,12 +594,17 @@ def _fill_until_too_large(out: Path, result) -> None:
     result.put("healthy")
 
 
+def _in_child(target, out: Path) -> tuple[multiprocessing.Process, multiprocessing.Queue, str]:
+    """Run ``target(out, queue)`` in a forked child; returns it, its queue, and the first message it sent."""
+    result = FORK.Queue()
+    child = FORK.Process(target=target, args=(out, result))
+    child.start()
+    return child, result, result.get(timeout=60)
+
+
 def test_real_write_failure_in_child(tmp_path):
     out = tmp_path / "out.h5"
-    result = FORK.Queue()
-    child = FORK.Process(target=_fill_until_too_large, args=(out, result))
-    child.start()
-    message = result.get(timeout=30)
+    child, result, message = _in_child(_fill_until_too_large, out)
     assert result.get(timeout=30) == "healthy"
     child.join(10)
     assert child.exitcode == 0
@@ -785,10 +790,7 @@ def _finalize_beyond_size_limit(out: Path, result) -> None:
 
 def test_a_failed_byte_copy_keeps_the_parts_and_says_so(tmp_path):
     out = tmp_path / "out.h5"
-    result = FORK.Queue()
-    child = FORK.Process(target=_finalize_beyond_size_limit, args=(out, result))
-    child.start()
-    message = result.get(timeout=60)
+    child, _, message = _in_child(_finalize_beyond_size_limit, out)
     child.join(10)
     assert message == (f"cannot write {out}: File too large; the 4 images in {tmp_path / 'out.h5.parts'} are kept; "
                        "fix that and run the same command again")
