@@ -802,3 +802,26 @@ def test_a_failed_byte_copy_keeps_the_parts_and_says_so(tmp_path):
         for k in range(4):
             record, features = _big_image(k)
             np.testing.assert_array_equal(reader[record.source]["p2"], features["p2"])
+
+
+def test_uncompressed_segments_hold_whole_chunks_written_as_they_are(tmp_path):
+    """Chunks go to the file without HDF5's chunk cache: each is stored at its full size, the last one included."""
+    out = tmp_path / "out.h5"
+    images = [_big_image(0), image(1), _big_image(2), image(3)]
+    with writer(out) as w:
+        for record, features in images:
+            w.add(record, features)
+        w.commit()
+        with h5py.File(tmp_path / "out.h5.parts" / "seg-000001.h5", "r") as f:
+            for level in LEVELS:
+                dataset = f[f"blocks/000001/{level}"]
+                total = sum(features[level].size for _, features in images)
+                chunk = dataset.chunks[0]
+                assert dataset.shape == (total,) and chunk == min(total, (1 << 20) // 4)
+                infos = [dataset.id.get_chunk_info(j) for j in range(dataset.id.get_num_chunks())]
+                assert len(infos) == -(-total // chunk) and {info.size for info in infos} == {chunk * 4}
+        w.finalize()
+    with open_features(out) as reader:
+        for record, features in images:
+            for level in LEVELS:
+                np.testing.assert_array_equal(reader[record.source][level], features[level])

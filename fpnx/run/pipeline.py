@@ -84,7 +84,7 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     return run.summary(str(target), len(images), len(images) - len(todo), discovery.skipped)
 
 
-TASK_IMAGES = 4  # images per worker task: each task costs the main process ~0.5 ms of messages and wake-ups
+TASK_IMAGES = 8  # images per worker task: each task costs the main process ~0.5 ms of messages and wake-ups
 POOLED = "pooled:"  # the prefix that tells pooled vectors from maps on their way to the host
 
 

@@ -115,7 +115,8 @@ class _LevelData:
     """One level's flat dataset in the open block, written a whole number of chunks at a time.
 
     The dataset is created when the first full chunk is ready, or at commit: a block smaller than one chunk
-    then gets a single chunk of exactly its size.
+    then gets a single chunk of exactly its size. Uncompressed chunks go to the file as they are
+    (``write_direct_chunk``: no pass through HDF5's chunk cache); HDF5 compresses the others.
     """
 
     def __init__(self, level: str, layout: Layout, block: Callable[[], h5py.Group]) -> None:
@@ -123,38 +124,40 @@ class _LevelData:
         self._layout = layout
         self._block = block
         self._chunk = layout.chunk_elements
+        self._direct = layout.compression == "none"
         self._dataset: h5py.Dataset | None = None
-        self._pending: list[np.ndarray] = []
-        self._pending_size = 0
+        self._partial = np.empty(self._chunk, np.dtype(layout.dtype))  # the chunk being filled
+        self._partial_size = 0
         self._written = 0
 
     def append(self, flat: np.ndarray) -> int:
         """Queue one image's flat array; return its offset in the dataset.
 
         The array goes to disk in place where it can (its whole chunks, written straight from it): only what
-        completes the previous image's last chunk, and its own incomplete last chunk, are copied.
+        completes the chunk being filled, and its own incomplete last chunk, are copied.
         """
-        offset = self._written + self._pending_size
+        offset = self._written + self._partial_size
         data = flat
-        if self._pending_size:
-            head, data = data[: self._chunk - self._pending_size], data[self._chunk - self._pending_size :]
-            self._pending.append(head.copy())  # the caller may reuse its array
-            self._pending_size += head.size
-            if self._pending_size < self._chunk:
+        if self._partial_size:
+            head, data = data[: self._chunk - self._partial_size], data[self._chunk - self._partial_size :]
+            self._partial[self._partial_size : self._partial_size + head.size] = head
+            self._partial_size += head.size
+            if self._partial_size < self._chunk:
                 return offset
-            self._write(np.concatenate(self._pending))
-            self._pending, self._pending_size = [], 0
+            self._write(self._partial)
+            self._partial_size = 0
         whole = data.size - data.size % self._chunk
-        if whole:
-            self._write(data[:whole])
-        if whole < data.size:
-            self._pending, self._pending_size = [data[whole:].copy()], data.size - whole
+        for start in range(0, whole, self._chunk if self._direct else max(whole, 1)):
+            self._write(data[start : start + (self._chunk if self._direct else whole)])
+        rest = data.size - whole
+        self._partial[:rest] = data[whole:]  # the caller may reuse its array
+        self._partial_size = rest
         return offset
 
     def finish(self) -> None:
-        if self._pending_size:
-            self._write(np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0])
-            self._pending, self._pending_size = [], 0
+        if self._partial_size:
+            self._write(self._partial[: self._partial_size])
+            self._partial_size = 0
 
     def _write(self, data: np.ndarray) -> None:
         """Append ``data`` (whole chunks, except at the end) to the dataset, created at the first write."""
@@ -163,5 +166,12 @@ class _LevelData:
             self._dataset = self._block().create_dataset(self._level, shape=(0,), **options)
         start = self._written
         self._dataset.resize((start + data.size,))
-        self._dataset[start:] = data
+        chunk = self._dataset.chunks[0]
+        if self._direct and data.size == chunk:
+            self._dataset.id.write_direct_chunk((start,), data)
+        elif self._direct and data.size < chunk:  # the last chunk of a block: stored full size, zeros after the end
+            self._partial[data.size : chunk] = 0
+            self._dataset.id.write_direct_chunk((start,), self._partial[:chunk])
+        else:
+            self._dataset[start:] = data
         self._written += data.size
