@@ -12,7 +12,12 @@ P5-P6: small output, CPU-bound) is compared with limits measured in the same run
 - one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066), and from them
   the CPU limit of decode+resize on all cores: ``cores / (decode s + resize s per image)``;
 - raw sequential write + fsync of the same bytes (``numpy.tofile``) in the output's folder, measured before and
-  after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference).
+  after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference);
+- the run's own loader alone (same workers, tasks and shared-memory slots, consumed by a loop that does nothing
+  else): the ceiling that the rest of the run (crops, writes, finalize) can only lower.
+
+Besides the rate to the end of the run, each result gives the rate before finalize (finalize copies every byte
+into the output file, so it is part of the cost of each image, not a fixed cost).
 
 Ratios are the result; absolute rates on a shared machine are noise.
 """
@@ -105,6 +110,31 @@ def one_core_rates(paths: list[Path], spec) -> tuple[float, float]:
     return 1 / statistics.median(decode_s), 1 / statistics.median(resize_s)
 
 
+def loader_alone_rate(paths: list[Path], spec, args) -> float | None:
+    """Images/s of the loader ``fpnx.extract`` would build, from a tenth of the images to the last; None for
+    checkouts whose pipeline builds it otherwise."""
+    try:
+        from fpnx.options import ExtractOptions
+        from fpnx.run.pipeline import _loader
+        from fpnx.sources import ImageSource
+
+        options = ExtractOptions(workers=args.workers, batch_size=args.batch_size, min_size=args.min_size,
+                                 max_size=args.max_size)
+        loader = _loader([ImageSource(str(path), path.name) for path in paths], spec, options, torch.device("cpu"))
+    except (ImportError, TypeError):
+        return None
+    start_at = max(1, len(paths) // 10)
+    try:
+        for count, item in enumerate(loader, 1):
+            assert item.ok, item.error
+            loader.release(item)
+            if count == start_at:
+                started = time.perf_counter()
+        return (len(paths) - start_at) / (time.perf_counter() - started)
+    finally:
+        loader.close()
+
+
 def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
     """Images/s of writing ``count`` images' bytes sequentially with numpy.tofile, then fsync, in ``folder``."""
     block = np.random.default_rng(1).integers(0, 255, bytes_per_image, dtype=np.uint8)
@@ -150,7 +180,7 @@ def timed_extract(paths: list[Path], out: Path, levels, args) -> tuple[float, ob
         device="cpu", overwrite=True, progress=progress,
     )
     assert summary.images_stored == len(paths), summary.failures
-    return (len(paths) - start_at) / (time.perf_counter() - first[0]), summary
+    return (len(paths) - start_at) / (time.perf_counter() - first[0]), summary, first[0]
 
 
 def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per_image: int) -> dict:
@@ -158,17 +188,20 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
     settle_page_cache(paths)
     before = raw_write_rate(work, bytes_per_image, len(paths))
     settle_page_cache(paths)
-    rate, summary = timed_extract(paths, out, levels, args)
+    rate, summary, first = timed_extract(paths, out, levels, args)
+    ended = time.perf_counter()
     size = out.stat().st_size
     out.unlink()
     settle_page_cache(paths)
     after = raw_write_rate(work, bytes_per_image, len(paths))
     count = len(paths)
+    before_finalize = (count - max(1, count // 10)) / (ended - first - summary.timings.get("finalize", 0.0))
     per_image = {stage: 1000 * summary.timings.get(stage, 0.0) / count
                  for stage in ("decode", "preprocess", "model", "write", "finalize")}
     return {
         "config": name, "levels": list(levels), "images": count, "images_per_s": rate,
-        "images_per_s_with_start": summary.images_per_s, "file_bytes": size,
+        "images_per_s_with_start": summary.images_per_s, "images_per_s_before_finalize": before_finalize,
+        "file_bytes": size,
         "write_mb_per_s": rate * size / count / 1e6, "ms_per_image": per_image, "timings_s": summary.timings,
         "raw_write_images_per_s": [before, after], "mean_batch_fill": getattr(summary, "mean_batch_fill", None),
     }
@@ -200,9 +233,12 @@ def main() -> None:
         height, width, _ = resized_size(480, 640, spec)
         decode_rate, resize_rate = one_core_rates(paths[:64], spec)
         cpu_limit = cores / (1 / decode_rate + 1 / resize_rate)
+        settle_page_cache(paths[: args.small_images])
+        loader_rate = loader_alone_rate(paths[: args.small_images], spec, args)
+        loader_text = "n/a" if loader_rate is None else f"{loader_rate:.1f} images/s ({loader_rate / cpu_limit:.2f})"
         print(f"JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
               f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image; "
-              f"CPU limit on {cores} cores {cpu_limit:.1f} images/s", flush=True)
+              f"CPU limit on {cores} cores {cpu_limit:.1f} images/s; the loader alone {loader_text}", flush=True)
         results = []
         for name in [name for name in args.configs.split(",") for _ in range(args.repeat)]:
             levels = CONFIGS[name]
@@ -212,7 +248,8 @@ def main() -> None:
             raw = statistics.mean(result["raw_write_images_per_s"])
             result.update(bytes_per_image=int(bytes_per_image), raw_write_images_per_s_mean=raw,
                           ratio_to_raw_write=result["images_per_s"] / raw, cpu_limit_images_per_s=cpu_limit,
-                          ratio_to_cpu_limit=result["images_per_s"] / cpu_limit)
+                          ratio_to_cpu_limit=result["images_per_s"] / cpu_limit,
+                          ratio_to_cpu_limit_before_finalize=result["images_per_s_before_finalize"] / cpu_limit)
             results.append(result)
             stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_image"].items())
             print(f"{name:5s} {'-'.join(levels)} float16, {count} images, {bytes_per_image / 1e6:.1f} MB/image: "
@@ -220,10 +257,12 @@ def main() -> None:
                   f"start-up), {result['write_mb_per_s']:.0f} MB/s written; "
                   f"ms/image {stages}; raw write {raw:.2f} images/s "
                   f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "
-                  f"{result['ratio_to_raw_write']:.2f} of raw write, {result['ratio_to_cpu_limit']:.2f} of CPU limit",
+                  f"{result['ratio_to_raw_write']:.2f} of raw write, {result['ratio_to_cpu_limit']:.2f} of CPU limit "
+                  f"({result['ratio_to_cpu_limit_before_finalize']:.2f} before finalize)",
                   flush=True)
     report = {"decode_images_per_s_one_core": decode_rate, "resize_images_per_s_one_core": resize_rate,
-              "cores": cores, "cpu_limit_images_per_s": cpu_limit, "results": results,
+              "cores": cores, "cpu_limit_images_per_s": cpu_limit, "loader_alone_images_per_s": loader_rate,
+              "results": results,
               "torch": torch.__version__, "python": sys.version.split()[0]}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
