@@ -4,9 +4,10 @@
   shared-memory slot, zero-padded; a batch of one runs straight from its slot, larger batches are stacked once.
   Features come back as numpy views of the cropped, cast tensors.
 - :class:`CudaStage` (a GPU runs it): workers only decode; the uint8 pixels are copied once into a reused pinned
-  buffer and sent on a side stream, then scaled, normalised, resized and padded on the GPU. Features are cropped
-  and cast on the GPU and copied back asynchronously into reused pinned buffers; the writer thread waits for
-  them, writes them, and hands the buffers back (a bounded pool: the only place the loop waits for the disk).
+  buffer and sent on an upload stream, then scaled, normalised, resized and padded on the GPU. Features are
+  cropped and cast on the GPU and copied back asynchronously, on a download stream, into reused pinned buffers;
+  the writer thread waits for them, writes them, and hands the buffers back (a bounded pool: the only place the
+  loop waits for the disk).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class CudaStage:
         self.device = device
         self.spec = spec
         self.divisibility = divisibility
-        self.copies = torch.cuda.Stream(device)  # host-to-device and back, beside the compute stream
+        # Two copy streams beside compute: the features of batch k go back once everything queued before their crops
+        # is done (the forward of batch k+1 included), and the pixels of batch k+2 must not queue behind them.
+        self.uploads = torch.cuda.Stream(device)
+        self.downloads = torch.cuda.Stream(device)
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._next_staging = 0
         self._output_bytes = output_bytes
@@ -108,32 +112,32 @@ class CudaStage:
             last_copy.synchronize()
         host = buffer[: source.numel()].view(source.shape)
         host.copy_(source)
-        with torch.cuda.stream(self.copies):
+        with torch.cuda.stream(self.uploads):
             sent = host.to(self.device, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record(self.copies)
+            copied.record(self.uploads)
         torch.cuda.current_stream(self.device).wait_event(copied)
         self._staging[index] = (buffer, copied)
         return sent
 
     def to_host(self, crops: Sequence[Mapping[str, torch.Tensor]]) -> list[HostFeatures]:
-        """Asynchronous copies of each image's crops into pinned buffers, on the copy stream after compute."""
-        self.copies.wait_stream(torch.cuda.current_stream(self.device))
+        """Asynchronous copies of each image's crops into pinned buffers, on the download stream after compute."""
+        self.downloads.wait_stream(torch.cuda.current_stream(self.device))
         results = []
         for features in crops:
             buffer = self._output_buffer()
             arrays, offset = {}, 0
-            with torch.cuda.stream(self.copies):
+            with torch.cuda.stream(self.downloads):
                 for name, tensor in features.items():
                     offset = -(-offset // 64) * 64  # every array starts aligned
                     size = tensor.numel() * tensor.element_size()
                     host = buffer[offset : offset + size].view(tensor.dtype).view(tensor.shape)
                     host.copy_(tensor, non_blocking=True)
-                    tensor.record_stream(self.copies)
+                    tensor.record_stream(self.downloads)
                     arrays[name] = host.numpy()
                     offset += size
                 copied = torch.cuda.Event()
-                copied.record(self.copies)
+                copied.record(self.downloads)
             results.append(HostFeatures(arrays, ready=copied.synchronize,
                                         done=lambda buffer=buffer: self._free_outputs.put(buffer)))
         return results
