@@ -84,6 +84,7 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     return run.summary(str(target), len(images), len(images) - len(todo), discovery.skipped)
 
 
+SETTLED_SPANS = 256  # GPU timing events kept per batch are read this many batches at a time
 TASK_IMAGES = 8  # images per worker task: each task costs the main process ~0.5 ms of messages and wake-ups
 POOLED = "pooled:"  # the prefix that tells pooled vectors from maps on their way to the host
 
@@ -134,7 +135,7 @@ class ExtractRun:
         self.batch_fill = 1.0
         self.timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0, "finalize": 0.0}
         self.started = time.perf_counter()
-        self._clamped: list[torch.Tensor] = []
+        self._clamped: torch.Tensor | None = None  # a running count on the device: read once, at the end
         self._gpu_spans: list[tuple] = []
         self._launched: collections.deque[_Launched] = collections.deque()
         self._report = progress_reporter(options.progress, total)
@@ -216,6 +217,9 @@ class ExtractRun:
             done = torch.cuda.Event(enable_timing=True)
             done.record(torch.cuda.current_stream(self.device))
             self._gpu_spans.append((*launched.events, done))
+            if len(self._gpu_spans) >= 2 * SETTLED_SPANS:  # long done: read them, keep the list short
+                self._settle_spans(self._gpu_spans[:SETTLED_SPANS])
+                del self._gpu_spans[:SETTLED_SPANS]
         else:
             self.timings["model"] += time.perf_counter() - launched.started
         for item, host in zip(launched.batch, features):
@@ -235,7 +239,7 @@ class ExtractRun:
             regions, clamped = valid_regions(outputs, index, size, self.strides, self.options.store_dtype,
                                              self._may_overflow)
             stored.update(regions)
-            self._clamped.append(clamped)
+            self._clamped = clamped if self._clamped is None else self._clamped.add_(clamped)
         if self.options.pool is not None:
             vectors = pooled_vectors(outputs, index, size, self.strides, self.options.pool)
             stored.update({POOLED + name: vector for name, vector in vectors.items()})
@@ -261,10 +265,15 @@ class ExtractRun:
         """Counts and GPU times kept on the device during the run, read once at its end."""
         if self._gpu_spans:
             torch.cuda.synchronize(self.device)
-            for before, forward, done in self._gpu_spans:
-                self.timings["preprocess"] += before.elapsed_time(forward) / 1000
-                self.timings["model"] += forward.elapsed_time(done) / 1000
-        self.float16_clamped = int(sum(int(count) for count in self._clamped))
+            self._settle_spans(self._gpu_spans)
+            self._gpu_spans.clear()
+        self.float16_clamped = 0 if self._clamped is None else int(self._clamped)
+
+    def _settle_spans(self, spans: list[tuple]) -> None:
+        spans[-1][-1].synchronize()  # the spans end in order
+        for before, forward, done in spans:
+            self.timings["preprocess"] += before.elapsed_time(forward) / 1000
+            self.timings["model"] += forward.elapsed_time(done) / 1000
 
     def summary(self, out: str, found: int, already_done: int, skipped: list[tuple[str, str]]) -> ExtractSummary:
         return ExtractSummary(
