@@ -395,3 +395,22 @@ def test_links_are_listed_not_followed(features, tmp_path):
     assert links == {("/elsewhere", "soft link", "/images"), ("/outside", "external link", f"{secret}:/data")}
     result = invoke("inspect", extra)
     assert result.exit_code == 0 and "not followed" in result.output and "/outside" in result.output
+
+
+def test_level_reports_from_counts_equal_those_from_every_image():
+    """A run keeps how many images had each input size; min, median (by area) and bytes are those of the list."""
+    import collections
+    import random
+
+    from fpnx.models.shapes import map_size
+    from fpnx.report.levels import level_reports
+
+    strides, channels = {"p2": 4, "p3": 8, "p6": 64}, {"p2": 3, "p3": 4, "p6": 2}
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [(rng.randint(1, 200), rng.randint(1, 200)) for _ in range(rng.randint(0, 12))]
+        sizes += rng.choices(sizes, k=rng.randint(0, 12)) if sizes else []
+        for report, (name, stride) in zip(level_reports(collections.Counter(sizes), strides, channels, 2), strides.items()):
+            maps = sorted((map_size(h, w, stride) for h, w in sizes), key=lambda hw: (hw[0] * hw[1], hw)) or [(0, 0)]
+            assert (report.min_hw, report.median_hw, report.max_hw) == (maps[0], maps[len(maps) // 2], maps[-1])
+            assert report.bytes == sum(h * w for h, w in (map_size(*size, stride) for size in sizes)) * channels[name] * 2

@@ -8,6 +8,7 @@ refuses them, and :func:`~fpnx.report.links.find_links` only looks at link recor
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -173,7 +174,7 @@ def _image_info(reader: FeatureReader, i: int) -> ImageInfo:
 
 
 def _levels(reader: FeatureReader, infos: list[dict[str, Any]], files: list[Path]) -> list[LevelReport]:
-    sizes = [(info["input_height"], info["input_width"]) for info in infos]
+    sizes = collections.Counter((info["input_height"], info["input_width"]) for info in infos)
     itemsize = np.dtype(reader.dtype).itemsize if reader.has_maps else 0
     reports = level_reports(sizes, reader.strides, reader.channels, itemsize)
     stored = _stored_bytes(files, reader.levels)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import bisect
+import collections
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..models.shapes import map_size
@@ -23,16 +26,22 @@ class LevelReport:
 
 
 def level_reports(
-    input_sizes: Sequence[tuple[int, int]],
+    size_counts: Mapping[tuple[int, int], int],
     strides: Mapping[str, int],
     channels: Mapping[str, int],
     itemsize: int,
 ) -> list[LevelReport]:
-    """Reports for each level of ``strides`` (in its order) over images of the given resized input sizes."""
+    """Reports for each level of ``strides`` (in its order) over images of the given resized input sizes, given as
+    ``{(input_height, input_width): number of images}`` (a run of millions of images has few distinct sizes)."""
+    images = sum(size_counts.values())
     reports = []
     for name, stride in strides.items():
-        maps = [map_size(h, w, stride) for h, w in input_sizes]
+        maps: collections.Counter[tuple[int, int]] = collections.Counter()
+        for (height, width), count in size_counts.items():
+            maps[map_size(height, width, stride)] += count
         ordered = sorted(maps, key=lambda hw: (hw[0] * hw[1], hw)) or [(0, 0)]
-        total = sum(h * w for h, w in maps) * channels[name] * itemsize
-        reports.append(LevelReport(name, stride, channels[name], ordered[0], ordered[len(ordered) // 2], ordered[-1], total))
+        ends = list(itertools.accumulate(maps[hw] for hw in ordered))  # images up to each size, in that order
+        median = ordered[min(bisect.bisect_right(ends, images // 2), len(ordered) - 1)]
+        total = sum(h * w * count for (h, w), count in maps.items()) * channels[name] * itemsize
+        reports.append(LevelReport(name, stride, channels[name], ordered[0], median, ordered[-1], total))
     return reports

@@ -7,6 +7,7 @@ next call.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -27,7 +28,7 @@ class BackgroundWriter:
         self.writer = writer
         self.stored = 0
         self.failures: list[tuple[str, str]] = []
-        self.input_sizes: list[tuple[int, int]] = []
+        self.input_sizes: collections.Counter[tuple[int, int]] = collections.Counter()  # images per input size
         self.seconds = 0.0  # time spent writing
         self._on_written = on_written
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -91,4 +92,4 @@ class BackgroundWriter:
             if done is not None:
                 done()
         self.stored += 1
-        self.input_sizes.append((record.input_height, record.input_width))
+        self.input_sizes[record.input_height, record.input_width] += 1
