@@ -16,14 +16,17 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
     | tee -a "$RESULTS/gpu.txt"
 
 step() { echo "== $1 ($(date +%T))"; }
+# every step stops by the deadline: the whole check stays inside 8 minutes (the device tool's calls end at 10)
+DEADLINE=$((SECONDS + 470))
+upto() { local left=$((DEADLINE - SECONDS)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 step "CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$RESULTS/tests.log" | tail -5
+timeout $(upto 150) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$RESULTS/tests.log" | tail -5
 
 step "model only: fp32 (+ torchvision), bf16, fp16 x batch 1, 8, 32 at 800x1216, channels_last"
 for precision in fp32 bf16 fp16; do
     compare=""; [ "$precision" = fp32 ] && compare="--compare torchvision"
-    timeout 120 python3 -m fpnx bench --device cuda --precision "$precision" --batch-size 1,8,32 --size 800x1216 \
+    timeout $(upto 120) python3 -m fpnx bench --device cuda --precision "$precision" --batch-size 1,8,32 --size 800x1216 \
         --iters 20 --warmup 5 $compare --json >"$RESULTS/bench-$precision.json" 2>"$RESULTS/bench-$precision.log" \
         && python3 - "$RESULTS/bench-$precision.json" <<'PY'
 import json, sys
@@ -36,12 +39,12 @@ PY
 done
 
 step "model only: torch.compile, bf16, batch 32"
-timeout 150 python3 -m fpnx bench --device cuda --precision bf16 --batch-size 32 --size 800x1216 --iters 20 \
+timeout $(upto 150) python3 -m fpnx bench --device cuda --precision bf16 --batch-size 32 --size 800x1216 --iters 20 \
     --warmup 5 --compile --json >"$RESULTS/bench-compile.json" 2>"$RESULTS/bench-compile.log" \
     || echo "  compile run failed or timed out (see bench-compile.log)"
 
 step "end to end: 1000 JPEGs 640x480 at 800/1333, float16, bf16, batch 32 (P2-P6 capped at 300 for disk space)"
-timeout 240 python3 benchmarks/end_to_end.py --device cuda --images 1000 --dense-images 300 --precision bf16 \
+timeout $(upto 240) python3 benchmarks/end_to_end.py --device cuda --images 1000 --dense-images 300 --precision bf16 \
     --batch-size 32 --json "$RESULTS/end_to_end.json" 2>&1 | tee "$RESULTS/end_to_end.log" | grep -v Warning
 
 python3 - "$RESULTS" <<'PY'
