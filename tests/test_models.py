@@ -293,6 +293,33 @@ def test_float16_storage_clamps_what_it_cannot_hold_and_counts_it():
     assert crops["p2"][0, 0, 0] == 1e6 and int(clamped) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
+    """The model gives channels_last maps on the CPU, which crops and per-channel reductions read in their own order."""
+    from fpnx.models import pooled_vectors, valid_regions
+    from fpnx.models.inference import float16_overflows
+
+    torch.manual_seed(0)
+    planar = {"p2": torch.randn(2, 8, 12, 17), "p3": torch.randn(2, 8, 6, 9), "p6": torch.randn(2, 8, 1, 2)}
+    planar["p3"][1, 2, 3, 4] = 7e4
+    stored_last = {name: tensor.contiguous(memory_format=torch.channels_last) for name, tensor in planar.items()}
+    strides = {"p2": 4, "p3": 8, "p6": 64}
+    assert float16_overflows(stored_last) == float16_overflows(planar) == {"p3"}
+    for index, size in ((0, (48, 68)), (1, (45, 61)), (1, (1, 1))):
+        expected, expected_clamped = valid_regions(planar, index, size, strides, dtype)
+        crops, clamped = valid_regions(stored_last, index, size, strides, dtype)
+        assert int(clamped) == int(expected_clamped)
+        for name, crop in crops.items():
+            assert crop.dtype == dtype and torch.equal(crop, expected[name]), name
+            assert crop.is_contiguous() or dtype == torch.float32  # the same dtype may stay a view
+        for how in ("avg", "max"):
+            vectors, reference = pooled_vectors(stored_last, index, size, strides, how), pooled_vectors(planar, index, size, strides, how)
+            for name, vector in vectors.items():
+                assert vector.dtype == torch.float32 and vector.shape == (8,)
+                assert torch.allclose(vector, reference[name], rtol=1e-6, atol=1e-7), (name, how)
+                assert how == "avg" or torch.equal(vector, reference[name])
+
+
 def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
     """PyTorch lets cuDNN use TF32 for fp32 convolutions by default (about 1e-3 off): fpnx's fp32 is IEEE fp32."""
     from fpnx.models import autocast
