@@ -5,8 +5,8 @@
 Rates run from the first stored image to the end of the run (finalize included, start-up not); the page cache
 is written back and dropped before each measurement where allowed (root).
 The network is replaced by a stub (a real fpnx model, passed through the public ``model=`` argument, whose
-forward returns preallocated outputs of the right shapes at once), so what is timed is decoding, resizing,
-batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output, disk-bound; float16
+forward returns preallocated outputs of the right shapes and memory layout at once), so what is timed is
+decoding, resizing, batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output, disk-bound; float16
 P5-P6: small output, CPU-bound) is compared with limits measured in the same run, on the same files and disk:
 
 - one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066), and from them
@@ -68,12 +68,18 @@ class StubPyramid(FeaturePyramid):
         key = (x.shape[0], x.shape[2], x.shape[3], x.device)
         if key not in self._outputs:
             generator = torch.Generator().manual_seed(0)
+            # in the memory layout the real network gives: channels_last once extract has optimized the model
+            layout = torch.channels_last if self._channels_last() else torch.contiguous_format
             self._outputs[key] = {
                 name: torch.randn(x.shape[0], info.channels, *map_size(x.shape[2], x.shape[3], info.stride),
-                                  generator=generator).to(x.device)
+                                  generator=generator).to(x.device).contiguous(memory_format=layout)
                 for name, info in self.output_shape().items()
             }
         return self._outputs[key]
+
+    def _channels_last(self) -> bool:
+        weight = next(parameter for parameter in self.parameters() if parameter.dim() == 4)
+        return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def make_jpegs(folder: Path, count: int) -> list[Path]:
