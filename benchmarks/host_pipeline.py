@@ -6,8 +6,9 @@ Rates run from the first stored image to the end of the run (finalize included, 
 is written back and dropped before each measurement where allowed (root).
 The network is replaced by a stub (a real fpnx model, passed through the public ``model=`` argument, whose
 forward returns preallocated outputs of the right shapes and memory layout at once), so what is timed is
-decoding, resizing, batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output, disk-bound; float16
-P5-P6: small output, CPU-bound) is compared with limits measured in the same run, on the same files and disk:
+decoding, resizing, batching, cropping, casting and writing. Each configuration (float16 P2-P6: dense output,
+disk-bound; float16 P5-P6: small output, CPU-bound) is compared with limits measured in the same run, on the same
+files and disk:
 
 - one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066), and from them
   the CPU limit of decode+resize on all cores: ``cores / (decode s + resize s per image)``;
