@@ -320,6 +320,21 @@ def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
                 assert how == "avg" or torch.equal(vector, reference[name])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_all_finite_finds_any_nan_or_inf(dtype, layout):
+    from fpnx.models.inference import all_finite
+
+    outputs = {"p2": torch.randn(2, 8, 12, 17), "p6": torch.randn(2, 8, 1, 2)}
+    outputs = {name: tensor.to(dtype).contiguous(memory_format=layout) for name, tensor in outputs.items()}
+    assert bool(all_finite(outputs))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for name, where in (("p2", (1, 7, 11, 16)), ("p6", (0, 0, 0, 0))):
+            spoiled = {key: tensor.clone() for key, tensor in outputs.items()}
+            spoiled[name][where] = bad
+            assert not bool(all_finite(spoiled)), (bad, name)
+
+
 def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
     """PyTorch lets cuDNN use TF32 for fp32 convolutions by default (about 1e-3 off): fpnx's fp32 is IEEE fp32."""
     from fpnx.models import autocast

