@@ -313,7 +313,8 @@ def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
             assert crop.dtype == dtype and torch.equal(crop, expected[name]), name
             assert crop.is_contiguous() or dtype == torch.float32  # the same dtype may stay a view
         for how in ("avg", "max"):
-            vectors, reference = pooled_vectors(stored_last, index, size, strides, how), pooled_vectors(planar, index, size, strides, how)
+            vectors = pooled_vectors(stored_last, index, size, strides, how)
+            reference = pooled_vectors(planar, index, size, strides, how)
             for name, vector in vectors.items():
                 assert vector.dtype == torch.float32 and vector.shape == (8,)
                 assert torch.allclose(vector, reference[name], rtol=1e-6, atol=1e-7), (name, how)

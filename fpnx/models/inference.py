@@ -111,8 +111,9 @@ def valid_regions(
     Each level keeps ``map_size(*input_size, stride)``: the part of the padded batch's map that covers the
     image, as a ``(C, h, w)`` tensor where the outputs are (on the device): contiguous where the dtype changes,
     else possibly a view of the outputs. For float16, values beyond its range are stored as +-65504 rather than
-    inf (NaN stays NaN), at the levels in ``may_overflow`` (default: all; see :func:`float16_overflows`). Returns the crops and a 0-d tensor counting
-    the values that became +-65504 that way (read it when the device is done).
+    inf (NaN stays NaN), at the levels in ``may_overflow`` (default: all; see :func:`float16_overflows`).
+    Returns the crops and a 0-d tensor counting the values that became +-65504 that way (read it when the device
+    is done).
     """
     crops, clamped = {}, []
     for name, stride in strides.items():
