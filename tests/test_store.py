@@ -804,14 +804,23 @@ def test_a_failed_byte_copy_keeps_the_parts_and_says_so(tmp_path):
             np.testing.assert_array_equal(reader[record.source]["p2"], features["p2"])
 
 
-def test_uncompressed_segments_hold_whole_chunks_written_as_they_are(tmp_path):
+def test_uncompressed_segments_hold_whole_chunks_written_as_they_are(tmp_path, monkeypatch):
     """Chunks go to the file without HDF5's chunk cache: each is stored at its full size, the last one included."""
     out = tmp_path / "out.h5"
     images = [_big_image(0), image(1), _big_image(2), image(3)]
     with writer(out) as w:
-        for record, features in images:
-            w.add(record, features)
-        w.commit()
+        with monkeypatch.context() as patched:
+            real_setitem = h5py.Dataset.__setitem__
+
+            def through_hdf5(dataset, *args):
+                if dataset.name.startswith("/blocks/"):
+                    raise AssertionError(f"{dataset.name} was written through HDF5's selection and chunk cache")
+                return real_setitem(dataset, *args)
+
+            patched.setattr(h5py.Dataset, "__setitem__", through_hdf5)
+            for record, features in images:
+                w.add(record, features)
+            w.commit()
         with h5py.File(tmp_path / "out.h5.parts" / "seg-000001.h5", "r") as f:
             for level in LEVELS:
                 dataset = f[f"blocks/000001/{level}"]

@@ -147,8 +147,9 @@ class _LevelData:
             self._write(self._partial)
             self._partial_size = 0
         whole = data.size - data.size % self._chunk
-        for start in range(0, whole, self._chunk if self._direct else max(whole, 1)):
-            self._write(data[start : start + (self._chunk if self._direct else whole)])
+        step = self._chunk if self._direct else whole  # direct writes take one chunk each, HDF5 takes them all
+        for start in range(0, whole, step or 1):
+            self._write(data[start : start + step])
         rest = data.size - whole
         self._partial[:rest] = data[whole:]  # the caller may reuse its array
         self._partial_size = rest
@@ -170,8 +171,9 @@ class _LevelData:
         if self._direct and data.size == chunk:
             self._dataset.id.write_direct_chunk((start,), data)
         elif self._direct and data.size < chunk:  # the last chunk of a block: stored full size, zeros after the end
-            self._partial[data.size : chunk] = 0
-            self._dataset.id.write_direct_chunk((start,), self._partial[:chunk])
+            padded = np.zeros(chunk, data.dtype)
+            padded[: data.size] = data
+            self._dataset.id.write_direct_chunk((start,), padded)
         else:
             self._dataset[start:] = data
         self._written += data.size
