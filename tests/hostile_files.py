@@ -6,6 +6,7 @@ Every writer takes the path to create and returns it. The crashing decoders are 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
@@ -143,4 +144,25 @@ def load_or_exit(image: ImageSource, options: LoadOptions) -> LoadedImage:
     """load_image, except that a file named ``*crash*`` ends its process at once (a decoder calling abort())."""
     if "crash" in os.path.basename(image.path):
         os._exit(134)
+    return load_image(image, options)
+
+
+class _MarksTeardown:
+    """Creates ``path`` when collected: at the latest, when the interpreter tears its modules down."""
+
+    def __init__(self, path: str) -> None:
+        # kept here: late in a teardown, module globals (os among them) may already be gone
+        self._create = functools.partial(os.open, path, os.O_CREAT | os.O_WRONLY, 0o644)
+
+    def __del__(self) -> None:
+        self._create()
+
+
+_KEPT: list[_MarksTeardown] = []
+
+
+def load_and_keep_a_teardown_marker(image: ImageSource, options: LoadOptions) -> LoadedImage:
+    """load_image, leaving in this process an object that writes ``teardown-ran`` beside the image if the
+    interpreter's teardown collects it."""
+    _KEPT.append(_MarksTeardown(os.path.join(os.path.dirname(image.path), "teardown-ran")))
     return load_image(image, options)

@@ -106,6 +106,16 @@ def test_a_crash_inside_a_task_of_several_images_costs_one_image(tmp_path):
             assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
 
 
+def test_workers_leave_without_the_interpreters_teardown(photos, tmp_path):
+    """A worker told to stop exits at once (the teardown of an interpreter holding torch takes ~0.5 s), after
+    every result was sent."""
+    loader = ImageLoader(photos, LoadOptions(SPEC), workers=2, prefetch=4,
+                         load=hostile.load_and_keep_a_teardown_marker)
+    assert [item.origin.source for item in loader] == [source.source for source in photos]
+    loader.close()
+    assert not (tmp_path / "teardown-ran").exists()
+
+
 def test_a_consumer_that_keeps_every_image_never_blocks_the_loader(photos):
     """Slots only speed things up: with too few of them (or none released), images travel pickled."""
     loader = ImageLoader(photos * 3, LoadOptions(SPEC), workers=2, prefetch=4, slots=2)
