@@ -722,6 +722,14 @@ def _big_image(k: int) -> tuple[ImageRecord, dict[str, np.ndarray]]:
                     for level in LEVELS}
 
 
+def _full_chunk_offsets(path: Path) -> list[int]:
+    """File offsets of every 1 MiB block chunk."""
+    with h5py.File(path, "r") as f:
+        return [info.byte_offset for _, block in f["blocks"].items() for dataset in block.values()
+                for info in map(dataset.id.get_chunk_info, range(dataset.id.get_num_chunks()))
+                if info.size == 1 << 20]
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "read-write"])
 def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch, kernel):
     copies = _spy_on_byte_copies(monkeypatch)
@@ -738,9 +746,13 @@ def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch
             expected[record.source] = features
             if k % 3 == 2:
                 w.commit()
-        segments = [layout for number in (1, 2, 3)
-                    for layout in _block_layouts(tmp_path / "out.h5.parts" / f"seg-{number:06d}.h5")]
+        parts = [tmp_path / "out.h5.parts" / f"seg-{number:06d}.h5" for number in (1, 2, 3)]
+        segments = [layout for part in parts for layout in _block_layouts(part)]
+        segment_offsets = [offset for part in parts for offset in _full_chunk_offsets(part)]
         w.finalize()
+    # whole chunks start at multiples of 4 KiB in both files: reflink-capable file systems share them
+    offsets = _full_chunk_offsets(out)
+    assert len(offsets) == len(segment_offsets) > 3 and not [at for at in offsets + segment_offsets if at % 4096]
     assert copies == [True] * 9  # three blocks of three levels, none through HDF5's object copy
     assert _block_layouts(out) == segments  # same shapes, chunks (1 MiB or the block's size) and maxshape
     assert max(chunks[0] for _, _, chunks, _, _ in segments) == (1 << 20) // 4

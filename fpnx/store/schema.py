@@ -78,6 +78,9 @@ DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
 GZIP_LEVEL = 4
 BLOCK_CHUNK_BYTES = 1 << 20
+# Every block chunk starts at a multiple of 4 KiB in the file (HDF5's alignment; at most 0.4% padding): file
+# systems that share extents (XFS, btrfs) then turn finalize's byte copy of whole chunks into a reflink.
+CHUNK_ALIGNMENT = 4096
 INDEX_CHUNK_ROWS = 4096
 POOLED_CHUNK_ROWS = 32
 # HDF5 1.8 object headers: readable by any HDF5 >= 1.8 and able to hold attributes over 64 KiB.

@@ -32,7 +32,8 @@ class NewFile:
         self._raw = FailSafeFile(path)
         try:
             self.h5 = h5py.File(
-                self._raw, "w", libver=schema.LIBVER, rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, rdcc_w0=1.0
+                self._raw, "w", libver=schema.LIBVER, rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, rdcc_w0=1.0,
+                alignment_threshold=schema.BLOCK_CHUNK_BYTES, alignment_interval=schema.CHUNK_ALIGNMENT,
             )
         except BaseException:
             self._raw.close()
