@@ -205,17 +205,11 @@ def _mean_and_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch
             torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
 
 
-def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tuple[int, int],
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tuple[int, int]) -> torch.Tensor:
     """Float32 ``(3, h, w)`` network input from :func:`resize_on_host`'s uint8 ``(H, W, 3)`` pixels, on their
     device: scaled, channels in ``pixel_order``, normalised, and (torchvision weights) resized to
     ``input_size`` with bilinear ``F.interpolate`` (align_corners=False), as ``GeneralizedRCNNTransform`` does
-    on the model's device.
-
-    ``out``: a float32 ``(3, h, w)`` tensor on the same device, of any strides (e.g. an image's place in a
-    padded batch), that receives the result and is returned: the resize writes straight into it, the same kernel
-    ``F.interpolate`` runs, so the values are bitwise the same and the image is not copied again.
-    """
+    on the model's device."""
     with torch.no_grad():
         channels = pixels.permute(2, 0, 1)
         if spec.pixel_order == "BGR":
@@ -227,12 +221,8 @@ def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tupl
         mean, std = _mean_and_std(spec.mean, spec.std, tensor.device)
         tensor.sub_(mean).div_(std)
         if tuple(tensor.shape[1:]) != tuple(input_size):
-            if out is None:
-                return F.interpolate(tensor[None], size=input_size, mode="bilinear", align_corners=False)[0]
-            # F.interpolate(size=...) is this op with no scale factors; its out= form writes in place
-            torch.ops.aten.upsample_bilinear2d.out(tensor[None], list(input_size), False, None, None, out=out[None])
-            return out
-        return tensor if out is None else out.copy_(tensor)
+            tensor = F.interpolate(tensor[None], size=input_size, mode="bilinear", align_corners=False)[0]
+    return tensor
 
 
 def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:

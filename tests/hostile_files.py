@@ -133,16 +133,15 @@ def palette_image(indices: np.ndarray) -> Image.Image:
 # -- decoders for ImageLoader(load=...) ---------------------------------------------------------------------------
 
 
-def load_or_get_killed(image: ImageSource, options: LoadOptions, into=None) -> LoadedImage:
+def load_or_get_killed(image: ImageSource, options: LoadOptions) -> LoadedImage:
     """load_image, except that a file named ``*crash*`` kills its worker process the way the OOM killer does."""
     if "crash" in os.path.basename(image.path):
         os.kill(os.getpid(), signal.SIGKILL)
-    return load_image(image, options, into)
+    return load_image(image, options)
 
 
-def load_or_exit(image: ImageSource, options: LoadOptions, into=None) -> LoadedImage:
-    """load_image, except that a file named ``*crash*`` ends its process at once (a decoder calling abort()).
-    Ignores ``into``: its images are copied into their slots after loading."""
+def load_or_exit(image: ImageSource, options: LoadOptions) -> LoadedImage:
+    """load_image, except that a file named ``*crash*`` ends its process at once (a decoder calling abort())."""
     if "crash" in os.path.basename(image.path):
         os._exit(134)
     return load_image(image, options)
@@ -162,8 +161,8 @@ class _MarksTeardown:
 _KEPT: list[_MarksTeardown] = []
 
 
-def load_and_keep_a_teardown_marker(image: ImageSource, options: LoadOptions, into=None) -> LoadedImage:
+def load_and_keep_a_teardown_marker(image: ImageSource, options: LoadOptions) -> LoadedImage:
     """load_image, leaving in this process an object that writes ``teardown-ran`` beside the image if the
     interpreter's teardown collects it."""
     _KEPT.append(_MarksTeardown(os.path.join(os.path.dirname(image.path), "teardown-ran")))
-    return load_image(image, options, into)
+    return load_image(image, options)

@@ -11,7 +11,7 @@ import torch
 
 import hostile_files as hostile
 from fpnx.loader import Batches, ImageLoader, LoadedImage, LoadOptions, load_image
-from fpnx.loader.slots import SharedSlots, SlotWriter
+from fpnx.loader.slots import SharedSlots
 from fpnx.preprocess import DETECTRON2, TORCHVISION, finish_on_device, padded_size, pixels_tensor, prepare_image
 from fpnx.sources import ImageSource, decode_image
 
@@ -78,28 +78,6 @@ def test_images_come_through_shared_memory_equal_and_padded(photos):
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
 
 
-def test_a_worker_preprocesses_straight_into_its_slot(photos, monkeypatch):
-    """The resize writes into the slot (no second copy of the image) and gives bitwise the ordinary result; a
-    loader that ignores ``into`` has its image copied in. Either way the padding is zero whatever the slot held."""
-    reference = load_image(photos[0], LoadOptions(SPEC))
-    slots = SharedSlots.for_options(LoadOptions(SPEC), 2)
-    try:
-        for into_used in (True, False):
-            writer = SlotWriter(slots.take(), 32)
-            np.frombuffer(slots._map, np.float32)[:] = 7.0  # what earlier images left
-            places = []
-            place = writer._place
-            monkeypatch.setattr(writer, "_place", lambda *args: places.append(args) or place(*args))
-            item = load_image(photos[0], LoadOptions(SPEC), into=writer.float_destination if into_used else None)
-            item = slots.receive(writer.hand_over(item))
-            assert len(places) == 1, "the image was placed in its slot more than once"
-            assert item.slot is not None and np.array_equal(item.pixels, reference.pixels)
-            assert not item.padded[:, item.input_height :].any() and not item.padded[:, :, item.input_width :].any()
-            slots.release(item.slot)
-    finally:
-        slots.close()
-
-
 def test_tasks_of_several_images_come_back_in_order_through_their_slots(photos):
     images = photos * 2 + photos[:1]  # 13 images: the last task holds one
     loader = ImageLoader(images, LoadOptions(SPEC), workers=2, prefetch=8, slots=16, per_task=4)
@@ -152,9 +130,11 @@ def test_an_image_too_large_for_a_slot_travels_pickled(tmp_path):
     spec = SPEC.replace(min_size=300, max_size=400)
     slots = SharedSlots(1, 1000)  # far too small
     try:
-        writer = SlotWriter(slots.take(), 32)
-        item = load_image(ImageSource(str(path), "big.png"), LoadOptions(spec), into=writer.float_destination)
-        assert writer.hand_over(item) is item and item.slot is None and item.pixels.shape == (3, 300, 400)
+        slot = slots.take()
+        from fpnx.loader.slots import write_into_slot
+
+        item = write_into_slot(load_image(ImageSource(str(path), "big.png"), LoadOptions(spec)), slot, 32)
+        assert item.slot is None and item.pixels.shape == (3, 300, 400)
     finally:
         slots.close()
 

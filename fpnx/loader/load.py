@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,13 +60,8 @@ class LoadedImage:
         return self.error is None
 
 
-Destination = Callable[[int, int], "np.ndarray | None"]
-"""``(height, width) ->`` a float32 ``(3, height, width)`` array to preprocess into, or None (memory of its own)."""
-
-
-def load_image(image: ImageSource, options: LoadOptions, into: Destination | None = None) -> LoadedImage:
-    """Decode and preprocess one image; every exception becomes a one-line failure reason. With ``into`` (a
-    worker's shared-memory slot), the float32 result is written where ``into`` says instead of a new array."""
+def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
+    """Decode and preprocess one image; every exception becomes a one-line failure reason."""
     start = time.perf_counter()
     try:
         decoded = decode_source(image, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
@@ -74,9 +69,7 @@ def load_image(image: ImageSource, options: LoadOptions, into: Destination | Non
         with _one_thread():
             pixels, input_height, input_width, scale = resize_on_host(decoded.rgb, options.preprocessing)
             if options.finish_here:
-                target = into(input_height, input_width) if into is not None else None
-                tensor = finish_on_device(pixels_tensor(pixels), options.preprocessing, (input_height, input_width),
-                                          out=None if target is None else torch.from_numpy(target))
+                tensor = finish_on_device(pixels_tensor(pixels), options.preprocessing, (input_height, input_width))
                 pixels = tensor.numpy()
     except ImageError as error:
         return LoadedImage(image, error=str(error), decode_s=time.perf_counter() - start)

@@ -26,7 +26,7 @@ import torch
 
 from ..sources import ImageSource
 from .load import LoadedImage, LoadOptions, load_image
-from .slots import SharedSlots, SlotRef, SlotWriter
+from .slots import SharedSlots, SlotRef, write_into_slot
 
 
 def _ping() -> bool:
@@ -82,29 +82,21 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-LoadFunction = Callable[..., LoadedImage]  # (image, options, into=destination or None), as load_image
+LoadFunction = Callable[[ImageSource, LoadOptions], LoadedImage]
 _Task = tuple[ImageSource, SlotRef | None]  # an image and the slot it comes back through
 
 
 def _load_into_slots(load: LoadFunction, tasks: list[_Task], options: LoadOptions) -> list[LoadedImage]:
-    """The task a worker runs: ``load`` each image into its slot (or hand its pixels over through it after)."""
+    """The task a worker runs: ``load`` each image, then hand its pixels over through its slot."""
     divisibility = options.preprocessing.size_divisibility
-    loaded = []
-    for image, slot in tasks:
-        if slot is None:
-            loaded.append(load(image, options))
-            continue
-        writer = SlotWriter(slot, divisibility)
-        loaded.append(writer.hand_over(load(image, options, into=writer.float_destination)))
-    return loaded
+    return [write_into_slot(load(image, options), slot, divisibility) for image, slot in tasks]
 
 
 class ImageLoader:
     """Iterates :class:`LoadedImage` in the order of ``images``; ``workers=0`` loads in this process.
 
-    ``load`` decodes one image (default :func:`load_image`, and called as it is: ``into=`` where the image has a
-    slot); another must be a module-level function, so that worker processes can import it (tests use this to
-    simulate decoders that crash). Crash isolation needs
+    ``load`` decodes one image (default :func:`load_image`); another must be a module-level function, so that
+    worker processes can import it (tests use this to simulate decoders that crash). Crash isolation needs
     workers: with ``workers=0`` a crashing decoder takes this process with it. With ``slots`` > 0, workers hand
     images over through that many shared-memory slots: call :meth:`release` with each image once its pixels are
     no longer needed (an image never released keeps its slot, and later images travel the ordinary way).

@@ -1,9 +1,9 @@
 """Images move from workers to the main process through shared memory, not pipes.
 
 The main process owns one shared-memory block cut into equal slots. With each task it gives a worker a free slot;
-the worker resizes the image straight into it (float32, zero-padded to the network's size; decoded uint8 images
-are copied in) and returns only a small description, so the main process uses the pixels where they lie: no
-pickling, no pipe, no copy (a batch of one image runs straight from its slot). An image too large for a slot, or a task sent when every slot is taken,
+the worker copies the image into it (float32 images already zero-padded to the network's size) and returns only
+a small description, so the main process uses the pixels where they lie: no pickling, no pipe, no copy (a batch of
+one image runs straight from its slot). An image too large for a slot, or a task sent when every slot is taken,
 travels the ordinary way (pickled); slots are a speed-up, never a condition.
 """
 
@@ -68,7 +68,7 @@ class SharedSlots:
         self._free.append(index)
 
     def receive(self, item: LoadedImage) -> LoadedImage:
-        """Point ``item``'s arrays at its slot (see :meth:`SlotWriter.hand_over`)."""
+        """Point ``item``'s arrays at its slot (see :func:`write_into_slot`)."""
         if item.slot is not None and item.pixels is None:
             _attach_arrays(item, self._map, item.slot * self.slot_bytes, item.slot_layout)
         return item
@@ -87,59 +87,28 @@ def slot_size(spec: Preprocessing, finished: bool) -> int:
     return 3 * DEVICE_SLOT_PIXELS
 
 
-class SlotWriter:
-    """In a worker: hands one image over through its slot. A worker that preprocesses straight into
-    :meth:`float_destination` leaves :meth:`hand_over` nothing to copy."""
-
-    def __init__(self, slot: SlotRef, divisibility: int) -> None:
-        self.slot = slot
-        self.divisibility = divisibility
-        self._destination: np.ndarray | None = None
-
-    def float_destination(self, height: int, width: int) -> np.ndarray | None:
-        """Where a float32 ``(3, height, width)`` image goes in the slot (its zero padding already written), or
-        None where the padded image does not fit."""
-        self._destination = self._place(np.dtype(np.float32), (3, height, width))
-        return self._destination
-
-    def hand_over(self, item: LoadedImage) -> LoadedImage:
-        """Move ``item``'s pixels into the slot (float32 zero-padded to ``divisibility``) unless they are there,
-        leaving a description that :meth:`SharedSlots.receive` turns back into arrays. A failed image, or one
-        too large for a slot, is returned unchanged (it travels the ordinary way)."""
-        if not item.ok:
-            return item
-        pixels = item.pixels
-        if not _same_array(pixels, self._destination):
-            target = self._place(pixels.dtype, pixels.shape)
-            if target is None:
-                return item
-            target[...] = pixels
-        shape = (3, *self._padded(pixels.shape)) if pixels.dtype == np.float32 else pixels.shape
-        item.pixels, item.slot, item.slot_layout = None, self.slot.index, (shape, pixels.dtype.str, pixels.shape)
+def write_into_slot(item: LoadedImage, slot: SlotRef | None, divisibility: int) -> LoadedImage:
+    """In the worker: move ``item``'s pixels into its slot (float32 zero-padded to ``divisibility``), leaving a
+    description that :meth:`SharedSlots.receive` turns back into arrays. Without a slot, or too large: unchanged."""
+    if slot is None or not item.ok:
         return item
-
-    def _padded(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        return padded_size(shape[1], shape[2], self.divisibility)
-
-    def _place(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The slot as an array for an image of ``shape``: float32 images padded (padding zeroed), the view of
-        the image returned; None where it does not fit."""
-        stored = (3, *self._padded(shape)) if dtype == np.float32 else shape
-        if int(np.prod(stored)) * dtype.itemsize > self.slot.slot_bytes:
-            return None
-        memory = _attached(self.slot.name)
-        array = np.ndarray(stored, dtype, buffer=memory.buf, offset=self.slot.index * self.slot.slot_bytes)
-        if dtype != np.float32:
-            return array
-        _, height, width = shape
-        array[:, height:, :] = 0
-        array[:, :height, width:] = 0
-        return array[:, :height, :width]
-
-
-def _same_array(pixels: np.ndarray, place: np.ndarray | None) -> bool:
-    return (place is not None and pixels.shape == place.shape and pixels.strides == place.strides
-            and pixels.__array_interface__["data"][0] == place.__array_interface__["data"][0])
+    pixels = item.pixels
+    shape = pixels.shape
+    if pixels.dtype == np.float32:
+        shape = (3, *padded_size(shape[1], shape[2], divisibility))
+    if int(np.prod(shape)) * pixels.dtype.itemsize > slot.slot_bytes:
+        return item
+    memory = _attached(slot.name)
+    target = np.ndarray(shape, pixels.dtype, buffer=memory.buf, offset=slot.index * slot.slot_bytes)
+    if pixels.dtype == np.float32:
+        height, width = pixels.shape[1:]
+        target[:, :height, :width] = pixels
+        target[:, height:, :] = 0
+        target[:, :height, width:] = 0
+    else:
+        target[...] = pixels
+    item.pixels, item.slot, item.slot_layout = None, slot.index, (shape, pixels.dtype.str, pixels.shape)
+    return item
 
 
 def _attach_arrays(item: LoadedImage, buffer, offset: int, layout) -> None:

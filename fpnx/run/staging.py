@@ -89,8 +89,8 @@ class CudaStage:
             pixels = self._send(item.pixels)
             self.loader.release(item)
             pixels.record_stream(compute)
-            finish_on_device(pixels, self.spec, (item.input_height, item.input_width),
-                             out=stacked[index, :, : item.input_height, : item.input_width])
+            image = finish_on_device(pixels, self.spec, (item.input_height, item.input_width))
+            stacked[index, :, : item.input_height, : item.input_width] = image
         return stacked
 
     def release(self, batch: Sequence[LoadedImage]) -> None:
