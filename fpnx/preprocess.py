@@ -209,20 +209,27 @@ def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tupl
     """Float32 ``(3, h, w)`` network input from :func:`resize_on_host`'s uint8 ``(H, W, 3)`` pixels, on their
     device: scaled, channels in ``pixel_order``, normalised, and (torchvision weights) resized to
     ``input_size`` with bilinear ``F.interpolate`` (align_corners=False), as ``GeneralizedRCNNTransform`` does
-    on the model's device."""
+    on the model's device.
+
+    On the CPU the work stays in the pixels' own channels-last memory order, and so does the result: for three
+    channels on one thread PyTorch's bilinear resize runs its channels-last kernel whatever the layout (it
+    converts a channels-first image there and back), so the values are the same and two transposing copies, half
+    of the resize's time, are saved; the CPU network runs channels_last too. A GPU gets torchvision's layout.
+    """
+    layout = torch.channels_last if pixels.device.type == "cpu" else torch.contiguous_format
     with torch.no_grad():
-        channels = pixels.permute(2, 0, 1)
+        channels = pixels[None].permute(0, 3, 1, 2)  # (1, 3, H, W) over (H, W, 3) memory
         if spec.pixel_order == "BGR":
-            channels = channels.flip(0)
-        tensor = channels.to(torch.float32, memory_format=torch.contiguous_format)
+            channels = channels.flip(1)
+        batch = channels.to(torch.float32, memory_format=layout)
         divisor = 255.0 / spec.value_range
         if divisor != 1.0:
-            tensor.div_(divisor)
-        mean, std = _mean_and_std(spec.mean, spec.std, tensor.device)
-        tensor.sub_(mean).div_(std)
-        if tuple(tensor.shape[1:]) != tuple(input_size):
-            tensor = F.interpolate(tensor[None], size=input_size, mode="bilinear", align_corners=False)[0]
-    return tensor
+            batch.div_(divisor)
+        mean, std = _mean_and_std(spec.mean, spec.std, batch.device)
+        batch.sub_(mean).div_(std)
+        if tuple(batch.shape[2:]) != tuple(input_size):
+            batch = F.interpolate(batch, size=input_size, mode="bilinear", align_corners=False)
+    return batch[0]
 
 
 def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import hostile_files as hostile
 from fpnx.loader import Batches, ImageLoader, LoadedImage, LoadOptions, load_image
 from fpnx.loader.slots import SharedSlots
 from fpnx.preprocess import DETECTRON2, TORCHVISION, finish_on_device, padded_size, pixels_tensor, prepare_image
+from fpnx.run.staging import HostStage
 from fpnx.sources import ImageSource, decode_image
 
 SPEC = TORCHVISION.replace(min_size=64, max_size=96)
@@ -68,6 +69,11 @@ def test_images_come_through_shared_memory_equal_and_padded(photos):
         assert item.padded.shape == (3, height, width)
         assert np.array_equal(item.padded[:, : item.input_height, : item.input_width], reference.pixels)
         assert not item.padded[:, item.input_height :].any() and not item.padded[:, :, item.input_width :].any()
+        # channels last in memory, and a batch of one is the slot itself in the layout the CPU network runs
+        assert item.padded.transpose(1, 2, 0).flags.c_contiguous
+        batch = HostStage(loader, 32, torch.device("cpu")).inputs([item])
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert batch.data_ptr() == item.padded.__array_interface__["data"][0]
         seen.append(item.origin.source)
         loader.release(item)
     assert seen == [source.source for source in photos]

@@ -73,6 +73,28 @@ def test_matches_generalized_rcnn_transform(height: int, width: int, spec: Prepr
     assert (batch - reference.tensors[0]).abs().max().item() <= 1e-6  # padding included
 
 
+@pytest.mark.parametrize("spec", [SMALL, SMALL.replace(pixel_order="BGR", value_range=255.0)], ids=["rgb", "bgr"])
+@pytest.mark.parametrize(("height", "width"), [(97, 131), (480, 640), (300, 20)])  # up, down and thin
+def test_channels_last_work_gives_bitwise_the_channels_first_operations(height, width, spec) -> None:
+    """On one thread (as workers run), the CPU's channels-last normalise + resize equals, bit for bit, the same
+    operations on the channels-first tensor GeneralizedRCNNTransform builds; the result stays channels last."""
+    rgb = random_rgb(height, width, seed=height + width)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepared = prepare_image(rgb, spec)
+        channels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0 / spec.value_range)
+        if spec.pixel_order == "BGR":
+            channels = channels.flip(0).contiguous()
+        mean, std = (torch.tensor(values)[:, None, None] for values in (spec.mean, spec.std))
+        expected = F.interpolate(((channels - mean) / std)[None], size=prepared.tensor.shape[1:], mode="bilinear",
+                                 align_corners=False)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert expected.is_contiguous() and torch.equal(prepared.tensor, expected)
+    assert prepared.tensor[None].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_thin_strip_keeps_one_row_where_torchvision_fails() -> None:
     # The one deliberate difference: torchvision floors 1 * (224 / 300) to 0 rows and F.interpolate refuses.
     rgb = random_rgb(1, 300)

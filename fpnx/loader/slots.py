@@ -1,7 +1,8 @@
 """Images move from workers to the main process through shared memory, not pipes.
 
 The main process owns one shared-memory block cut into equal slots. With each task it gives a worker a free slot;
-the worker copies the image into it (float32 images already zero-padded to the network's size) and returns only
+the worker copies the image into it (float32 images already zero-padded to the network's size, channels last in
+memory) and returns only
 a small description, so the main process uses the pixels where they lie: no pickling, no pipe, no copy (a batch of
 one image runs straight from its slot). An image too large for a slot, or a task sent when every slot is taken,
 travels the ordinary way (pickled); slots are a speed-up, never a condition.
@@ -99,7 +100,7 @@ def write_into_slot(item: LoadedImage, slot: SlotRef | None, divisibility: int) 
     if int(np.prod(shape)) * pixels.dtype.itemsize > slot.slot_bytes:
         return item
     memory = _attached(slot.name)
-    target = np.ndarray(shape, pixels.dtype, buffer=memory.buf, offset=slot.index * slot.slot_bytes)
+    target = _slot_array(memory.buf, slot.index * slot.slot_bytes, shape, pixels.dtype)
     if pixels.dtype == np.float32:
         height, width = pixels.shape[1:]
         target[:, :height, :width] = pixels
@@ -111,9 +112,18 @@ def write_into_slot(item: LoadedImage, slot: SlotRef | None, divisibility: int) 
     return item
 
 
+def _slot_array(buffer, offset: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """What a slot holds: a float32 network input ``(3, H, W)`` channels last in memory (the layout the CPU's
+    preprocessing gives and its network runs), or decoded uint8 ``(H, W, 3)`` pixels."""
+    if np.dtype(dtype) == np.float32:
+        channels, height, width = shape
+        return np.ndarray((height, width, channels), dtype, buffer=buffer, offset=offset).transpose(2, 0, 1)
+    return np.ndarray(shape, dtype, buffer=buffer, offset=offset)
+
+
 def _attach_arrays(item: LoadedImage, buffer, offset: int, layout) -> None:
     shape, dtype, unpadded = layout
-    stored = np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
+    stored = _slot_array(buffer, offset, shape, np.dtype(dtype))
     if stored.dtype == np.float32:
         item.padded, item.pixels = stored, stored[:, : unpadded[1], : unpadded[2]]
     else:

@@ -46,9 +46,10 @@ class HostStage:
     def inputs(self, batch: Sequence[LoadedImage]) -> torch.Tensor:
         """The padded float32 batch; the images' slots stay taken until :meth:`release`."""
         if len(batch) == 1 and batch[0].padded is not None:
-            return torch.from_numpy(batch[0].padded)[None].to(self.device)
+            # (1, 3, H, W) over the slot's (H, W, 3) memory: channels_last, as the CPU network runs
+            return torch.from_numpy(batch[0].padded.transpose(1, 2, 0))[None].permute(0, 3, 1, 2).to(self.device)
         height, width = padded_size(batch[0].input_height, batch[0].input_width, self.divisibility)
-        stacked = torch.zeros(len(batch), 3, height, width)
+        stacked = torch.zeros(len(batch), height, width, 3).permute(0, 3, 1, 2)
         for index, item in enumerate(batch):
             stacked[index, :, : item.input_height, : item.input_width] = torch.from_numpy(item.pixels)
         return stacked.to(self.device)
