@@ -10,8 +10,9 @@ decoding, resizing, batching, cropping, casting and writing. Each configuration 
 disk-bound; float16 P5-P6: small output, CPU-bound) is compared with limits measured in the same run, on the same
 files and disk:
 
-- one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066), and from them
-  the CPU limit of decode+resize on all cores: ``cores / (decode s + resize s per image)``;
+- one-core JPEG decode rate and one-core resize rate (the torchvision rule, 640x480 -> 800x1066, as fpnx runs
+  it), and from them the CPU limit of decode+resize on all cores: ``cores / (decode s + resize s per image)``;
+  also the same limit with torchvision's own preprocessing (``GeneralizedRCNNTransform``) in place of fpnx's;
 - raw sequential write + fsync of the same bytes (``numpy.tofile``) in the output's folder, measured before and
   after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference);
 - the run's own loader alone (same workers, tasks and shared-memory slots, consumed by a loop that does nothing
@@ -99,22 +100,31 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def one_core_rates(paths: list[Path], spec) -> tuple[float, float]:
-    """(decode images/s, resize images/s) on one thread, over every file."""
+def one_core_rates(paths: list[Path], spec) -> tuple[float, float, float]:
+    """Images/s on one thread, over every file: decode, fpnx's resize (``prepare_image``), and torchvision's own
+    preprocessing of the decoded image (``to_tensor`` + ``GeneralizedRCNNTransform``: normalise, resize, pad)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    from torchvision.transforms.functional import to_tensor
+
+    transform = GeneralizedRCNNTransform(spec.min_size, spec.max_size, list(spec.mean), list(spec.std)).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        decode_s, resize_s = [], []
+        decode_s, resize_s, torchvision_s = [], [], []
         for path in paths:
             start = time.perf_counter()
             rgb = decode_image(str(path)).rgb
             decoded = time.perf_counter()
             prepare_image(rgb, spec)
+            resized = time.perf_counter()
+            with torch.no_grad():
+                transform([to_tensor(rgb)])
             decode_s.append(decoded - start)
-            resize_s.append(time.perf_counter() - decoded)
+            resize_s.append(resized - decoded)
+            torchvision_s.append(time.perf_counter() - resized)
     finally:
         torch.set_num_threads(threads)
-    return 1 / statistics.median(decode_s), 1 / statistics.median(resize_s)
+    return tuple(1 / statistics.median(times) for times in (decode_s, resize_s, torchvision_s))
 
 
 def loader_alone_rate(paths: list[Path], spec, args) -> float | None:
@@ -238,14 +248,17 @@ def main() -> None:
         args.workers = cores if args.workers is None else args.workers
         spec = StubPyramid().preprocessing.replace(min_size=args.min_size, max_size=args.max_size)
         height, width, _ = resized_size(480, 640, spec)
-        decode_rate, resize_rate = one_core_rates(paths[:64], spec)
+        decode_rate, resize_rate, torchvision_rate = one_core_rates(paths[:64], spec)
         cpu_limit = cores / (1 / decode_rate + 1 / resize_rate)
+        torchvision_limit = cores / (1 / decode_rate + 1 / torchvision_rate)
         settle_page_cache(paths[: args.small_images])
         loader_rate = loader_alone_rate(paths[: args.small_images], spec, args)
         loader_text = "n/a" if loader_rate is None else f"{loader_rate:.1f} images/s ({loader_rate / cpu_limit:.2f})"
         print(f"JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
-              f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image; "
-              f"CPU limit on {cores} cores {cpu_limit:.1f} images/s; the loader alone {loader_text}", flush=True)
+              f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image "
+              f"(torchvision's preprocessing {1000 / torchvision_rate:.1f} ms); CPU limit on {cores} cores "
+              f"{cpu_limit:.1f} images/s ({torchvision_limit:.1f} with torchvision's); the loader alone "
+              f"{loader_text}", flush=True)
         results = []
         for name in [name for name in args.configs.split(",") for _ in range(args.repeat)]:
             levels = CONFIGS[name]
@@ -256,7 +269,8 @@ def main() -> None:
             result.update(bytes_per_image=int(bytes_per_image), raw_write_images_per_s_mean=raw,
                           ratio_to_raw_write=result["images_per_s"] / raw, cpu_limit_images_per_s=cpu_limit,
                           ratio_to_cpu_limit=result["images_per_s"] / cpu_limit,
-                          ratio_to_cpu_limit_before_finalize=result["images_per_s_before_finalize"] / cpu_limit)
+                          ratio_to_cpu_limit_before_finalize=result["images_per_s_before_finalize"] / cpu_limit,
+                          ratio_to_torchvision_cpu_limit=result["images_per_s"] / torchvision_limit)
             results.append(result)
             stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_image"].items())
             print(f"{name:5s} {'-'.join(levels)} float16, {count} images, {bytes_per_image / 1e6:.1f} MB/image: "
@@ -265,9 +279,12 @@ def main() -> None:
                   f"ms/image {stages}; raw write {raw:.2f} images/s "
                   f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "
                   f"{result['ratio_to_raw_write']:.2f} of raw write, {result['ratio_to_cpu_limit']:.2f} of CPU limit "
-                  f"({result['ratio_to_cpu_limit_before_finalize']:.2f} before finalize)",
+                  f"({result['ratio_to_cpu_limit_before_finalize']:.2f} before finalize; "
+                  f"{result['ratio_to_torchvision_cpu_limit']:.2f} of the limit with torchvision's preprocessing)",
                   flush=True)
     report = {"decode_images_per_s_one_core": decode_rate, "resize_images_per_s_one_core": resize_rate,
+              "torchvision_preprocessing_images_per_s_one_core": torchvision_rate,
+              "torchvision_cpu_limit_images_per_s": torchvision_limit,
               "cores": cores, "cpu_limit_images_per_s": cpu_limit, "loader_alone_images_per_s": loader_rate,
               "results": results,
               "torch": torch.__version__, "python": sys.version.split()[0]}
