@@ -97,45 +97,97 @@ def write_merged(
     attrs: Mapping[str, Any],
     *,
     expected_in: str,
+    started: MergedFile | None = None,
 ) -> None:
     """Write the union of ``files`` (each checked to have ``settings``) to ``out`` atomically, rows in input order.
 
     Blocks are renumbered 1, 2, ... in input order. On any failure ``out`` is untouched and the ``.tmp`` removed.
-    Inputs are opened one at a time (a .parts folder may hold thousands of segments).
+    Inputs are opened one at a time (a .parts folder may hold thousands of segments). ``started``: a merge that
+    already holds the files before these (a writer's, begun while its run went on); it is moved to ``out``'s
+    ``.tmp`` name and finished there.
     """
     tmp = tmp_path_for(out)
     remove_file(tmp)
-    stored_in: dict[str, Path] = {}
-    indexes: list[Index] = []
-    segments: list[np.ndarray] = []
+    merged = started
     try:
-        with NewFile(tmp, attrs) as target:
-            dst = target.h5
-            blocks = dst[schema.BLOCKS]
-            pooled = {level: pooled_dataset(dst.require_group(schema.IMAGES), level, layout.channels[level])
-                      for level in (layout.levels if layout.pool else ())}
-            for path in files:
-                store, index = load_file(path, settings, expected_in=expected_in)
-                try:
-                    _refuse_duplicates(store.path, index, stored_in)
-                    renumbering = {}
-                    for old in _block_numbers(store):
-                        number = len(blocks) + 1
-                        _copy_block(store, old, blocks.create_group(schema.block_name(number)), target.descriptor)
-                        renumbering[old] = number
-                    segments.append(_renumber(store, index, renumbering))
-                    indexes.append(index)
-                    for level, dataset in pooled.items():  # streamed: a merge can hold millions of rows
-                        append_pooled(dataset, store.read_pooled(level))
-                finally:
-                    store.close()
-                target.check()  # stop at the first failed write (disk full), not after copying everything
-            merged = _concatenate(indexes, segments, layout)
-            write_tables(dst, layout, merged.sources, merged.columns, merged.failures)
+        if merged is None:
+            merged = MergedFile(tmp, layout, attrs)
+        else:
+            merged.move(tmp)
+        for path in files:
+            merged.add(path, settings, expected_in=expected_in)
+        merged.finish()
         publish(tmp, out)
-    except BaseException:
+    except BaseException as error:
+        failure = merged.abandon() if merged is not None else None
         remove_file(tmp)
+        if failure is not None and failure is not error:
+            raise failure from None  # the cause (errno), not whatever HDF5 made of it
         raise
+
+
+class MergedFile:
+    """A merge being written at ``path``: :meth:`add` copies one file's blocks (renumbered after those before)
+    and pooled vectors and keeps its rows; :meth:`finish` writes the tables and closes it. Used whole by
+    :func:`write_merged`, or a file at a time as a run commits its segments."""
+
+    def __init__(self, path: Path, layout: schema.Layout, attrs: Mapping[str, Any]) -> None:
+        self.path = path
+        self.layout = layout
+        self.added: list[Path] = []
+        self._target: NewFile | None = NewFile(path, attrs)
+        dst = self._target.h5
+        self._blocks = dst[schema.BLOCKS]
+        self._pooled = {level: pooled_dataset(dst.require_group(schema.IMAGES), level, layout.channels[level])
+                        for level in (layout.levels if layout.pool else ())}
+        self._stored_in: dict[str, Path] = {}
+        self._indexes: list[Index] = []
+        self._segments: list[np.ndarray] = []
+
+    def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str) -> None:
+        target = self._open_target()
+        store, index = load_file(path, settings, expected_in=expected_in)
+        try:
+            _refuse_duplicates(store.path, index, self._stored_in)
+            renumbering = {}
+            for old in _block_numbers(store):
+                number = len(self._blocks) + 1
+                _copy_block(store, old, self._blocks.create_group(schema.block_name(number)), target.descriptor)
+                renumbering[old] = number
+            self._segments.append(_renumber(store, index, renumbering))
+            self._indexes.append(index)
+            for level, dataset in self._pooled.items():  # streamed: a merge can hold millions of rows
+                append_pooled(dataset, store.read_pooled(level))
+        finally:
+            store.close()
+        target.check()  # stop at the first failed write (disk full), not after copying everything
+        self.added.append(path)
+
+    def move(self, path: Path) -> None:
+        """Give the (open) file another name in the same folder tree."""
+        os.replace(self.path, path)
+        self.path = path
+
+    def finish(self) -> None:
+        """Write the ``/images`` and ``/failures`` tables and close the file (to be published by the caller)."""
+        target = self._open_target()
+        merged = _concatenate(self._indexes, self._segments, self.layout)
+        write_tables(target.h5, self.layout, merged.sources, merged.columns, merged.failures)
+        self._target = None
+        target.close()
+
+    def abandon(self) -> OSError | None:
+        """Close and delete the file; returns its first failed write, if any."""
+        target, self._target = self._target, None
+        if target is not None:
+            target.abandon()
+        remove_file(self.path)
+        return target.failure if target is not None else None
+
+    def _open_target(self) -> NewFile:
+        if self._target is None:
+            raise StoreError(f"{self.path} is finished or abandoned")
+        return self._target
 
 
 def write_error(target: Path, error: BaseException, kept: str) -> StoreError:
