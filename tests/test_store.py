@@ -763,6 +763,61 @@ def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch
                 np.testing.assert_array_equal(reader[source][level], features[level])
 
 
+def test_a_new_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch):
+    """Finalize's copy begins at each commit (beside OUT.h5, never in the parts), so finalize itself copies only
+    the segment it commits; the file is the one a merge at the end gives. Closing without finalize, or a kill,
+    leaves no early merge behind once the next writer opened."""
+    copies = _spy_on_byte_copies(monkeypatch)
+    early = tmp_path / "out.h5.merge.tmp"
+    whole = tmp_path / "whole.h5"
+    with writer(whole) as w:  # merged at the end: an old output comes first, so nothing is begun early
+        add_images(w, range(2))
+        w.finalize()
+    with writer(whole) as w:
+        add_images(w, range(2, 6))
+        w.commit()
+        assert not (tmp_path / "whole.h5.merge.tmp").exists()
+        w.finalize()
+    out = tmp_path / "out.h5"
+    copies.clear()
+    with writer(out) as w:
+        for k in range(6):
+            w.add(*image(k))
+            if k % 2:
+                w.commit()
+        assert early.exists() and len(copies) == 3 * len(LEVELS) and copies == [True] * len(copies)
+        add_images(w, range(6, 8))  # reopened, resumed, committed and merged by finalize
+    assert not early.exists()
+    copies.clear()
+    with writer(out) as w:  # resumed: its first commit merges the 4 segments so far and its own
+        add_images(w, [8])
+        w.commit()
+        assert len(copies) == 5 * len(LEVELS)
+        add_images(w, [9])
+        copies.clear()
+        w.finalize()
+    assert len(copies) == len(LEVELS)  # finalize copied only the segment it committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "whole.h5"]
+    with writer(whole) as w:
+        add_images(w, range(6, 10))
+        w.finalize()
+    assert contents(out) == contents(whole)
+    with open_features(out) as reader:
+        expect_images(reader, range(10))
+
+
+def test_an_early_merge_left_by_a_kill_is_deleted_by_the_next_run(tmp_path):
+    out = tmp_path / "out.h5"
+    _kill_child(_write_then_hang, out, 4, 3)
+    assert (tmp_path / "out.h5.merge.tmp").exists()
+    with writer(out) as w:
+        assert not (tmp_path / "out.h5.merge.tmp").exists()
+        add_images(w, range(4, 8))
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(8))
+
+
 def test_compressed_and_contiguous_blocks_are_merged_too(tmp_path, monkeypatch):
     copies = _spy_on_byte_copies(monkeypatch)
     compressed = _finished(tmp_path / "lzf.h5", range(3), compression="lzf")

@@ -73,18 +73,25 @@ def merge_into(
     *,
     expected_in: str,
     kept: str,
+    started: MergedFile | None = None,
 ) -> None:
     """The one merge behind ``merge_stores``, shard merges and a writer's finalize.
 
     Every store must have ``settings`` (those of ``expected_in``, for the message), checked before anything is
     copied; then their files are written to ``out`` atomically (:func:`write_merged`). A failed write becomes
-    one line saying what is ``kept``.
+    one line saying what is ``kept``. ``started``: a merge already holding the first of these files, in order
+    (any other is abandoned and everything merged anew).
     """
     for store in stores:
         check_settings(store.path, store.settings, settings, expected_in=expected_in)
     files = [file for store in stores for file in store.files]
+    if started is not None and files[: len(started.added)] != started.added:
+        started.abandon()
+        started = None
+    remaining = files[len(started.added):] if started is not None else files
     try:
-        write_merged(files, out, Layout.from_settings(settings), settings, attrs, expected_in=expected_in)
+        write_merged(remaining, out, Layout.from_settings(settings), settings, attrs, expected_in=expected_in,
+                     started=started)
     except OSError as error:
         raise write_error(out, error, kept) from None
 

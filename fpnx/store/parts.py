@@ -28,6 +28,11 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
+def early_merge_path(output: Path) -> Path:
+    """Where a run merges its committed segments while it goes on (``OUT.h5.merge.tmp``; see FeatureWriter)."""
+    return output.with_name(output.name + ".merge" + TMP_SUFFIX)
+
+
 def segment_path(parts: Path, number: int) -> Path:
     return parts / f"seg-{number:06d}.h5"
 

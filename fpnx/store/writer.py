@@ -4,6 +4,10 @@ HDF5 rewrites metadata in place and reuses freed space, so a file killed mid-wri
 nothing is ever written into a file that matters: each segment is written as ``.tmp``, closed, fsynced and
 renamed (then never touched again), and ``finalize`` builds ``OUT.h5.tmp`` and renames it over ``OUT.h5``.
 A killed run loses at most its open segment; rerunning the same command resumes (see docs/format.md).
+
+A run that starts a new output begins finalize's merge as it commits segments: each committed segment is
+copied into ``OUT.h5.merge.tmp`` right away (by whichever thread commits), so that finalize has only the last
+one left to copy. That file is only ever an unfinished copy: a kill leaves it for the next run to delete.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from . import schema
 from .files import fsync_dir, remove_file, remove_tree
 from .lock import OutputLock
 from .location import locate_store, open_checked
-from .merge import merge_into, write_error
+from .merge import MergedFile, merge_into, write_error
 from .parts import (
-    Manifest, committed_segments, leftover_tmp_files, parts_dir_for, remove_all_but_manifest, tmp_path_for,
+    Manifest, committed_segments, early_merge_path, leftover_tmp_files, parts_dir_for, remove_all_but_manifest,
+    tmp_path_for,
 )
 from .schema import ImageRecord, Layout
 from .segment import OpenSegment
@@ -85,6 +90,8 @@ class FeatureWriter:
         self._next_segment = 1
         self._closed = False
         self._frozen: tuple[frozenset[str], frozenset[str]] | None = None
+        self._merging: MergedFile | None = None  # finalize's merge, begun as segments are committed
+        self._merge_early = False
         self._lock = OutputLock(self.path)
         self._lock.acquire()
         try:
@@ -158,6 +165,7 @@ class FeatureWriter:
         self._in_parts += segment.image_count
         self._segment = None
         self._next_segment = segment.number + 1
+        self._merge_committed()
 
     # -- ending ---------------------------------------------------------------------------------------------
 
@@ -170,8 +178,9 @@ class FeatureWriter:
                 kept = f"the {self._in_parts} images in {self.parts} are kept" + (
                     f", and so is the old {self.path.name}" if self._in_output else ""
                 )
-                attrs = {**self._attrs, schema.ATTR_PARTS_ID: self._run_id}
-                merge_into(self.path, stores, self._settings, attrs, expected_in=THIS_RUN, kept=kept)
+                merging, self._merging = self._merging, None
+                merge_into(self.path, stores, self._settings, self._output_attrs(), expected_in=THIS_RUN, kept=kept,
+                           started=merging)
             remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.path.parent)
@@ -183,6 +192,7 @@ class FeatureWriter:
         """Commit what is pending and release the output; do not finalize (the next run resumes)."""
         if self._closed:
             return
+        self._merge_early = False  # not finalizing: the last segment is not merged early for nothing
         try:
             self.commit()
         finally:
@@ -201,10 +211,13 @@ class FeatureWriter:
 
     def _open(self, overwrite: bool) -> None:
         remove_file(tmp_path_for(self.path))  # a finalize that was killed; it is redone from the parts
+        remove_file(early_merge_path(self.path))  # the same, begun early by a run that was killed
         if overwrite:
             remove_tree(self.parts)
             remove_file(self.path)
             fsync_dir(self.path.parent)
+        # an old OUT.h5 comes first in the merge, and copying it belongs to finalize: then nothing is begun early
+        self._merge_early = not self.path.exists()
         finished_parts_id = self._load_finished_output()
         manifest = self._load_parts(finished_parts_id)
         if manifest is None:
@@ -320,6 +333,34 @@ class FeatureWriter:
         self._segment = None
         self._frozen = None
 
+    def _output_attrs(self) -> dict[str, Any]:
+        return {**self._attrs, schema.ATTR_PARTS_ID: self._run_id}
+
+    def _merge_committed(self) -> None:
+        """Copy every committed segment not merged yet into the early merge. Only an optimisation: at the first
+        failure of any kind it is given up, and finalize merges everything itself (and reports what fails)."""
+        if not self._merge_early:
+            return
+        try:
+            if self._merging is None:
+                self._merging = MergedFile(early_merge_path(self.path), self._layout, self._output_attrs())
+            merged = set(self._merging.added)
+            for _, path in committed_segments(self.parts):
+                if path not in merged:
+                    self._merging.add(path, self._settings, expected_in=THIS_RUN)
+        except BaseException as error:  # noqa: BLE001 - see above; a half-copied segment is never kept
+            self._merge_early = False
+            self._abandon_merging()
+            if not isinstance(error, Exception):
+                raise
+
+    def _abandon_merging(self) -> None:
+        merging, self._merging = self._merging, None
+        if merging is not None:
+            merging.abandon()
+        else:
+            remove_file(early_merge_path(self.path))
+
     def _kept_text(self) -> str:
         return f"the {self._in_output + self._in_parts} images written before are kept"
 
@@ -327,6 +368,8 @@ class FeatureWriter:
         if self._segment is not None:  # only after a failure: an unfinished segment is never published
             self._segment.discard()
             self._segment = None
+        if self._merging is not None:  # not finalized: the next run begins again from the parts
+            self._abandon_merging()
         self._closed = True
         self._lock.release()
 
