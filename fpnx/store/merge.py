@@ -170,6 +170,11 @@ class MergedFile:
         target.check()  # stop at the first failed write (disk full), not after copying everything
         self.added.append(path)
 
+    def write_back(self) -> None:
+        """Wait until the bytes copied so far are on the disk, so that publishing the file later has little left to
+        write (its fsync would otherwise wait for all of them at the end)."""
+        os.fsync(self._open_target().descriptor)
+
     def move(self, path: Path) -> None:
         """Give the (open) file another name in the same folder tree."""
         os.replace(self.path, path)

@@ -348,6 +348,7 @@ class FeatureWriter:
             for _, path in committed_segments(self.parts):
                 if path not in merged:
                     self._merging.add(path, self._settings, expected_in=THIS_RUN)
+            self._merging.write_back()
         except BaseException as error:  # noqa: BLE001 - see above; a half-copied segment is never kept
             self._merge_early = False
             self._abandon_merging()
