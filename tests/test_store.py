@@ -806,6 +806,22 @@ def test_a_new_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch)
         expect_images(reader, range(10))
 
 
+def test_a_finalize_stopped_early_deletes_the_early_merge(tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "write_merged", interrupted)
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    assert (tmp_path / "out.h5.merge.tmp").exists()
+    with pytest.raises(KeyboardInterrupt):
+        w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5.parts"]
+
+
 def test_an_early_merge_left_by_a_kill_is_deleted_by_the_next_run(tmp_path):
     out = tmp_path / "out.h5"
     _kill_child(_write_then_hang, out, 4, 3)

@@ -179,8 +179,13 @@ class FeatureWriter:
                     f", and so is the old {self.path.name}" if self._in_output else ""
                 )
                 merging, self._merging = self._merging, None
-                merge_into(self.path, stores, self._settings, self._output_attrs(), expected_in=THIS_RUN, kept=kept,
-                           started=merging)
+                try:
+                    merge_into(self.path, stores, self._settings, self._output_attrs(), expected_in=THIS_RUN,
+                               kept=kept, started=merging)
+                except BaseException:
+                    if merging is not None:  # stopped before the merge took it over (or after: then a no-op)
+                        merging.abandon()
+                    raise
             remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.path.parent)
