@@ -1,6 +1,6 @@
 """The host side of ``fpnx.extract`` alone: everything but the network, against the limits of this machine.
 
-    python benchmarks/host_pipeline.py --images 96 --small-images 600 --repeat 3
+    python benchmarks/host_pipeline.py --images 96 --small-images 2000 --repeat 3
 
 Rates run from the first stored image to the end of the run (finalize included, start-up not); the page cache
 is written back and dropped before each measurement where allowed (root).
@@ -229,7 +229,9 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=96, help="images for the dense configuration")
-    parser.add_argument("--small-images", type=int, default=600, help="images for the small (P5-P6) one")
+    parser.add_argument("--small-images", type=int, default=2000,
+                        help="images for the small (P5-P6) one (fewer: the first use of each shared-memory slot, a "
+                             "fixed cost, weighs on the rate)")
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--batch-size", type=int, default=1)
