@@ -36,9 +36,9 @@ class LoadedImage:
     """One image ready for the network, or the reason it failed.
 
     ``pixels`` is float32 ``(3, h, w)`` (unpadded; channels last in memory) when the worker finished the
-    preprocessing, else uint8 ``(H, W, 3)``. It may be a view into a shared-memory slot of the loader: ``ImageLoader.release(item)`` once
-    it is no longer needed lets the slot be reused. ``padded`` is then the same image zero-padded to the size
-    the network needs (float32 only), ready to run without a copy.
+    preprocessing, else uint8 ``(H, W, 3)``. It may be a view into a shared-memory slot of the loader:
+    ``ImageLoader.release(item)`` once it is no longer needed lets the slot be reused. ``padded`` is then the
+    same image zero-padded to the size the network needs (float32 only), ready to run without a copy.
     """
 
     origin: ImageSource

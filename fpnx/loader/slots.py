@@ -2,10 +2,9 @@
 
 The main process owns one shared-memory block cut into equal slots. With each task it gives a worker a free slot;
 the worker copies the image into it (float32 images already zero-padded to the network's size, channels last in
-memory) and returns only
-a small description, so the main process uses the pixels where they lie: no pickling, no pipe, no copy (a batch of
-one image runs straight from its slot). An image too large for a slot, or a task sent when every slot is taken,
-travels the ordinary way (pickled); slots are a speed-up, never a condition.
+memory) and returns only a small description, so the main process uses the pixels where they lie: no pickling,
+no pipe, no copy (a batch of one image runs straight from its slot). An image too large for a slot, or a task
+sent when every slot is taken, travels the ordinary way (pickled); slots are a speed-up, never a condition.
 """
 
 from __future__ import annotations
