@@ -20,8 +20,9 @@ files and disk:
 - the run's own loader alone (same workers, tasks and shared-memory slots, consumed by a loop that does nothing
   else): the ceiling that the rest of the run (crops, writes, finalize) can only lower.
 
-Besides the rate to the end of the run, each result gives the rate before finalize (finalize copies every byte
-into the output file, so it is part of the cost of each image, not a fixed cost).
+Besides the rate to the end of the run, each result gives the rate before finalize (what finalize does is part
+of the cost of each image, not a fixed cost), and how many bytes the run sent to the disk per byte of the
+output file (``/proc/self/io``): 1.0 means each byte was written once, 2.0 that it was also copied.
 
 Ratios are the result; absolute rates on a shared machine are noise.
 """
@@ -169,6 +170,16 @@ def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
     return count / seconds
 
 
+def bytes_sent_to_storage() -> int | None:
+    """Bytes this process has caused to be written to storage, less those dropped before writeback (Linux
+    ``/proc/self/io``); None where the kernel does not tell."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def settle_page_cache(inputs: list[Path]) -> None:
     """Write back and drop the page cache where allowed (root on Linux), so that every measurement starts from the
     same memory state (on a shared VM, how much the cache holds moves write speed by several times), then read
@@ -207,9 +218,13 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
     settle_page_cache(paths)
     before = raw_write_rate(work, bytes_per_image, len(paths))
     settle_page_cache(paths)
+    sent_before = bytes_sent_to_storage()
     rate, summary, first = timed_extract(paths, out, levels, args)
     ended = time.perf_counter()
+    sent_after = bytes_sent_to_storage()
     size = out.stat().st_size
+    # how many times each byte of the output reached the disk (segments, copies): 1.0 is the least possible
+    written_per_stored = None if sent_before is None else (sent_after - sent_before) / size
     out.unlink()
     settle_page_cache(paths)
     after = raw_write_rate(work, bytes_per_image, len(paths))
@@ -220,7 +235,7 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
     return {
         "config": name, "levels": list(levels), "images": count, "images_per_s": rate,
         "images_per_s_with_start": summary.images_per_s, "images_per_s_before_finalize": before_finalize,
-        "file_bytes": size,
+        "file_bytes": size, "disk_bytes_per_stored_byte": written_per_stored,
         "write_mb_per_s": rate * size / count / 1e6, "ms_per_image": per_image, "timings_s": summary.timings,
         "raw_write_images_per_s": [before, after], "mean_batch_fill": getattr(summary, "mean_batch_fill", None),
     }
@@ -289,7 +304,8 @@ def main() -> None:
             stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_image"].items())
             print(f"{name:5s} {'-'.join(levels)} float16, {count} images, {bytes_per_image / 1e6:.1f} MB/image: "
                   f"{result['images_per_s']:.2f} images/s ({result['images_per_s_with_start']:.2f} with "
-                  f"start-up), {result['write_mb_per_s']:.0f} MB/s written; "
+                  f"start-up), {result['write_mb_per_s']:.0f} MB/s written "
+                  f"({result['disk_bytes_per_stored_byte'] or float('nan'):.2f} disk bytes per stored byte); "
                   f"ms/image {stages}; raw write {raw:.2f} images/s "
                   f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "
                   f"{result['ratio_to_raw_write']:.2f} of raw write, {result['ratio_to_cpu_limit']:.2f} of CPU limit "

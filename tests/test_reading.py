@@ -216,22 +216,30 @@ BIG_CHANNELS = {"p2": 64, "p3": 64, "p6": 2}  # p2 spans ~5 chunks of 1 MiB per 
 BIG_SIZES = [(300, 200), (200, 333), (150, 150)]
 
 
-@pytest.mark.parametrize("kind", ["finished", "parts", "lzf", "userblock", "contiguous"])
+def _resumed_and_closed(path: Path) -> Path:
+    """Open a writer on an unfinished run and close it: its segments then hold their own blocks."""
+    FeatureWriter(path, settings={"t": 1}, metadata=METADATA, levels=LEVELS, channels=BIG_CHANNELS,
+                  strides=STRIDES).close()
+    return path.with_name(path.name + ".parts")
+
+
+@pytest.mark.parametrize("kind", ["finished", "parts", "referring parts", "lzf", "userblock", "contiguous"])
 def test_direct_reads_equal_hdf5(tmp_path, kind):
-    base = write(tmp_path / "base.h5", 7, commit_every=5, finalize=kind != "parts", channels=BIG_CHANNELS,
+    base = write(tmp_path / "base.h5", 7, commit_every=5, finalize="parts" not in kind, channels=BIG_CHANNELS,
                  sizes=BIG_SIZES, compression="lzf" if kind == "lzf" else "none")
-    path = {"parts": lambda: tmp_path / "base.h5.parts",
+    path = {"parts": lambda: _resumed_and_closed(base),
+            "referring parts": lambda: tmp_path / "base.h5.parts",  # blocks in the run's early merge
             "userblock": lambda: _with_userblock(base, tmp_path / "userblock.h5"),
             "contiguous": lambda: _with_contiguous_block(base, tmp_path / "contiguous.h5")}.get(kind, lambda: base)()
     with open_features(path) as reader:
         for i in range(len(reader)):
             assert_same(reader[i], features(i, channels=BIG_CHANNELS, sizes=BIG_SIZES)[1])
         tables = reader._handles._tables
-        if kind in ("lzf", "userblock"):
+        if kind in ("lzf", "userblock", "referring parts"):
             assert not tables  # HDF5 reads these
         else:
             assert len(tables) == 6  # two blocks of three levels, all read directly
-        if kind == "parts":  # chunks of the levels interleave in a segment: copies go chunk run by chunk run
+        if kind == "finished":  # chunks of the levels interleave as written: copies go chunk run by chunk run
             assert any(not table.consecutive for table in tables.values())
         if kind == "contiguous":
             assert tables[(0, 1, "p2")].chunk == tables[(0, 1, "p2")].length

@@ -23,6 +23,7 @@ from fpnx.errors import StoreError, UsageError
 from fpnx.store import FORMAT_VERSION, FeatureReader, FeatureWriter, ImageRecord, merge_stores, open_features
 from fpnx.store import merge as merge_module
 from fpnx.store import segment as segment_module
+from fpnx.store.chunks import external_storage
 
 LEVELS = ["p2", "p3", "p6"]
 CHANNELS = {"p2": 3, "p3": 4, "p6": 2}
@@ -293,27 +294,36 @@ def _finalize_killed_at(out: Path, where: str, ready) -> None:
 
     w = writer(out)
     add_images(w, range(4, 6))
-    if where == "before rename":
+    if where.startswith("before rename"):
         monkey = merge_module.publish
-        merge_module.publish = lambda tmp, final: die() if tmp.name == "out.h5.tmp" else monkey(tmp, final)
+        finishing = {"out.h5.tmp", "out.h5.merge.tmp"}
+        merge_module.publish = lambda tmp, final: die() if tmp.name in finishing else monkey(tmp, final)
     else:
         writer_module.remove_tree = die
     w.finalize()
 
 
-@pytest.mark.parametrize("where", ["before rename", "after rename"])
+@pytest.mark.parametrize("where", ["before rename", "after rename", "before rename, new output"])
 def test_killed_finalize_resumes(tmp_path, where):
     out = tmp_path / "out.h5"
-    with writer(out) as w:  # an earlier, finished run: the kill must never hurt it
-        add_images(w, range(4))
-        w.finalize()
+    new_output = where.endswith("new output")
+    if new_output:  # finalize finishes OUT.h5.merge.tmp, which holds the segments' blocks, and renames it
+        with writer(out) as w:
+            add_images(w, range(4))
+    else:
+        with writer(out) as w:  # an earlier, finished run: the kill must never hurt it
+            add_images(w, range(4))
+            w.finalize()
     _kill_child(_finalize_killed_at, out, where)
     assert (tmp_path / "out.h5.parts").is_dir()
-    with open_features(out) as reader:
-        assert len(reader) == (4 if where == "before rename" else 6)
+    if new_output:
+        assert not out.exists() and (tmp_path / "out.h5.merge.tmp").exists()
+    else:
+        with open_features(out) as reader:
+            assert len(reader) == (4 if where == "before rename" else 6)
     with writer(out) as w:
         assert w.done_sources == {image(k)[0].source for k in (range(6))}
-        assert not (tmp_path / "out.h5.tmp").exists()
+        assert not (tmp_path / "out.h5.tmp").exists() and not (tmp_path / "out.h5.merge.tmp").exists()
         add_images(w, [6])
         w.finalize()
     with open_features(out) as reader:
@@ -608,7 +618,10 @@ def test_real_write_failure_in_child(tmp_path):
     assert result.get(timeout=30) == "healthy"
     child.join(10)
     assert child.exitcode == 0
-    assert re.fullmatch(r"cannot write .*seg-000002\.h5: File too large; the 2 images written before are kept; .*", message)
+    # the file that grew too large: a new output's blocks go to OUT.h5.merge.tmp, which the segments refer to
+    assert re.fullmatch(r"cannot write .*/out\.h5\.merge\.tmp: File too large; the 2 images written before are kept; .*",
+                        message)
+    assert (tmp_path / "out.h5.merge.tmp").exists()
     assert sorted(p.name for p in (tmp_path / "out.h5.parts").iterdir()) == ["manifest.json", "seg-000001.h5"]
     with open_features(tmp_path / "out.h5.parts") as reader:
         expect_images(reader, range(2))
@@ -738,7 +751,10 @@ def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
         monkeypatch.setattr(os, "copy_file_range", refused)
     out = tmp_path / "out.h5"
-    expected = {}
+    _finished(out, [100])  # an incremental run: its segments hold their blocks, finalize copies them
+    expected = {image(100)[0].source: image(100)[1]}
+    old = _block_layouts(out)
+    copies.clear()
     with writer(out) as w:
         for k in range(9):
             record, features = _big_image(k) if k % 3 == 1 else image(k)
@@ -753,8 +769,8 @@ def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch
     # whole chunks start at multiples of 4 KiB in both files: reflink-capable file systems share them
     offsets = _full_chunk_offsets(out)
     assert len(offsets) == len(segment_offsets) > 3 and not [at for at in offsets + segment_offsets if at % 4096]
-    assert copies == [True] * 9  # three blocks of three levels, none through HDF5's object copy
-    assert _block_layouts(out) == segments  # same shapes, chunks (1 MiB or the block's size) and maxshape
+    assert copies == [True] * 12  # the old file's block and three new ones, none through HDF5's object copy
+    assert _block_layouts(out) == old + segments  # same shapes, chunks (1 MiB or the block's size) and maxshape
     assert max(chunks[0] for _, _, chunks, _, _ in segments) == (1 << 20) // 4
     with open_features(out) as reader:
         assert reader.sources == list(expected)
@@ -763,33 +779,104 @@ def test_finalize_copies_uncompressed_blocks_byte_for_byte(tmp_path, monkeypatch
                 np.testing.assert_array_equal(reader[source][level], features[level])
 
 
-def test_a_new_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch):
-    """Finalize's copy begins at each commit (beside OUT.h5, never in the parts), so finalize itself copies only
-    the segment it commits; the file is the one a merge at the end gives. Closing without finalize, or a kill,
-    leaves no early merge behind once the next writer opened."""
+def _data_files(segment: Path) -> set[bytes]:
+    """The files a segment's blocks keep their bytes in, besides itself (HDF5 external storage)."""
+    with h5py.File(segment, "r") as f:
+        return {name for _, block in f["blocks"].items() for dataset in block.values()
+                for name, _, _ in external_storage(dataset)}
+
+
+def _segments_of(out: Path) -> list[Path]:
+    return sorted(out.with_name(out.name + ".parts").glob("seg-*.h5"))
+
+
+def test_a_new_output_writes_each_block_once(tmp_path, monkeypatch):
+    """A new uncompressed output: blocks are written straight into the early merge and each committed segment
+    refers to its bytes there (readable as it is); finalize copies nothing, only adds the tables; the file is
+    the one a merge at the end gives, in whole 4 KiB-aligned chunks."""
+    copies = _spy_on_byte_copies(monkeypatch)
+    out, whole = tmp_path / "out.h5", tmp_path / "whole.h5"
+    early = tmp_path / "out.h5.merge.tmp"
+    images = [_big_image(k) if k % 3 == 1 else image(k) for k in range(9)]
+    with writer(out) as w:
+        for k, (record, features) in enumerate(images):
+            w.add(record, features)
+            if k % 3 == 2:
+                w.commit()
+        assert [_data_files(segment) for segment in _segments_of(out)] == [{os.fsencode(os.path.realpath(early))}] * 3
+        with open_features(tmp_path / "out.h5.parts") as reader:  # a run's parts are readable while it goes on
+            assert reader.sources == [record.source for record, _ in images]
+            for record, features in images:
+                np.testing.assert_array_equal(reader[record.source]["p2"], features["p2"])
+        w.finalize()
+    assert copies == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    offsets = _full_chunk_offsets(out)
+    assert len(offsets) > 3 and not [at for at in offsets if at % 4096]
+    _finished(whole, [0])  # merged at the end: an old output comes first, so nothing is begun early
+    with writer(whole) as w:
+        for k, (record, features) in enumerate(images[1:], 1):
+            w.add(record, features)
+            if k % 3 == 2:
+                w.commit()
+        w.finalize()
+    assert contents(out) == contents(whole)
+
+
+def test_a_closed_run_keeps_its_early_merge_until_the_next_run_takes_the_bytes_back(tmp_path):
+    """Closed without finalize, a run leaves its segments referring to the early merge: the parts folder reads
+    and merges (bytes copied, never references); the next run writes them back into the segments first."""
+    out = tmp_path / "out.h5"
+    early = tmp_path / "out.h5.merge.tmp"
+    with writer(out) as w:
+        w.add(*_big_image(1))
+        add_images(w, range(2, 4))
+        w.commit()
+        add_images(w, range(4, 6))
+    assert early.exists() and all(_data_files(segment) for segment in _segments_of(out))
+    copied = merge_stores([tmp_path / "out.h5.parts"], tmp_path / "copied.h5")
+    assert _data_files(copied) == set()
+    outside = tmp_path / "elsewhere" / "seg-000001.h5"  # the same segment anywhere else is not trusted
+    outside.parent.mkdir()
+    shutil.copy(_segments_of(out)[0], outside)
+    with open_features(outside) as reader, pytest.raises(StoreError, match="reads data from other files"):
+        reader[0]
+    with writer(out) as w:
+        assert not early.exists() and [_data_files(segment) for segment in _segments_of(out)] == [set(), set()]
+        w.finalize()
+    assert contents(out) == contents(copied)
+    with open_features(out) as reader:
+        assert len(reader) == 5
+        np.testing.assert_array_equal(reader["big/1.jpg"]["p2"], _big_image(1)[1]["p2"])
+
+
+def test_a_new_compressed_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch):
+    """Compressed blocks cannot be written in place: finalize's copy begins at each commit (beside OUT.h5, never
+    in the parts), so finalize itself copies only the segment it commits; the file is the one a merge at the end
+    gives. Closing without finalize, or a kill, leaves no early merge behind once the next writer opened."""
     copies = _spy_on_byte_copies(monkeypatch)
     early = tmp_path / "out.h5.merge.tmp"
     whole = tmp_path / "whole.h5"
-    with writer(whole) as w:  # merged at the end: an old output comes first, so nothing is begun early
+    with writer(whole, compression="lzf") as w:  # merged at the end: an old output comes first
         add_images(w, range(2))
         w.finalize()
-    with writer(whole) as w:
+    with writer(whole, compression="lzf") as w:
         add_images(w, range(2, 6))
         w.commit()
         assert not (tmp_path / "whole.h5.merge.tmp").exists()
         w.finalize()
     out = tmp_path / "out.h5"
     copies.clear()
-    with writer(out) as w:
+    with writer(out, compression="lzf") as w:
         for k in range(6):
             w.add(*image(k))
             if k % 2:
                 w.commit()
-        assert early.exists() and len(copies) == 3 * len(LEVELS) and copies == [True] * len(copies)
+        assert early.exists() and len(copies) == 3 * len(LEVELS) and copies == [False] * len(copies)
         add_images(w, range(6, 8))  # reopened, resumed, committed and merged by finalize
     assert not early.exists()
     copies.clear()
-    with writer(out) as w:  # resumed: its first commit merges the 4 segments so far and its own
+    with writer(out, compression="lzf") as w:  # resumed: its first commit merges the 4 segments so far and its own
         add_images(w, [8])
         w.commit()
         assert len(copies) == 5 * len(LEVELS)
@@ -798,7 +885,7 @@ def test_a_new_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch)
         w.finalize()
     assert len(copies) == len(LEVELS)  # finalize copied only the segment it committed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "whole.h5"]
-    with writer(whole) as w:
+    with writer(whole, compression="lzf") as w:
         add_images(w, range(6, 10))
         w.finalize()
     assert contents(out) == contents(whole)
@@ -806,28 +893,38 @@ def test_a_new_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch)
         expect_images(reader, range(10))
 
 
-def test_a_finalize_stopped_early_deletes_the_early_merge(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_a_finalize_stopped_early_keeps_only_what_segments_refer_to(tmp_path, monkeypatch, compression):
     out = tmp_path / "out.h5"
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(merge_module, "write_merged", interrupted)
-    w = writer(out)
-    add_images(w, range(3))
-    w.commit()
-    assert (tmp_path / "out.h5.merge.tmp").exists()
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patched:
+        patched.setattr(merge_module, "write_merged", interrupted)
+        w = writer(out, compression=compression)
+        add_images(w, range(3))
+        w.commit()
+        assert (tmp_path / "out.h5.merge.tmp").exists()
+        with pytest.raises(KeyboardInterrupt):
+            w.finalize()
+    # uncompressed, the segments refer to the early merge's bytes: kept for the next run; otherwise deleted
+    kept = ["out.h5.merge.tmp"] if compression == "none" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*kept, "out.h5.parts"]
+    with writer(out, compression=compression) as w:
+        add_images(w, range(3, 5))
         w.finalize()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5.parts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    with open_features(out) as reader:
+        expect_images(reader, range(5))
 
 
-def test_an_early_merge_left_by_a_kill_is_deleted_by_the_next_run(tmp_path):
+def test_an_early_merge_left_by_a_kill_is_taken_back_and_deleted_by_the_next_run(tmp_path):
     out = tmp_path / "out.h5"
     _kill_child(_write_then_hang, out, 4, 3)
-    assert (tmp_path / "out.h5.merge.tmp").exists()
+    assert (tmp_path / "out.h5.merge.tmp").exists() and _data_files(_segments_of(out)[0])
     with writer(out) as w:
-        assert not (tmp_path / "out.h5.merge.tmp").exists()
+        assert not (tmp_path / "out.h5.merge.tmp").exists() and _data_files(_segments_of(out)[0]) == set()
         add_images(w, range(4, 8))
         w.finalize()
     with open_features(out) as reader:
@@ -889,7 +986,7 @@ def test_a_failed_byte_copy_keeps_the_parts_and_says_so(tmp_path):
 
 def test_uncompressed_segments_hold_whole_chunks_written_as_they_are(tmp_path, monkeypatch):
     """Chunks go to the file without HDF5's chunk cache: each is stored at its full size, the last one included."""
-    out = tmp_path / "out.h5"
+    out = _finished(tmp_path / "out.h5", [100])  # an incremental run: its segments hold their blocks
     images = [_big_image(0), image(1), _big_image(2), image(3)]
     with writer(out) as w:
         with monkeypatch.context() as patched:

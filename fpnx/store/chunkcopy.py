@@ -6,6 +6,10 @@ both files is copied file to file with ``copy_file_range`` (read + write where t
 object copy would move each chunk through its own buffers and, for files written through Python
 (:class:`~fpnx.store.files.FailSafeFile`), through Python: that made finalize the costliest step of a dense run.
 Compressed blocks, and anything :func:`~fpnx.store.chunks.chunk_table` cannot describe, go through HDF5.
+
+A committed segment's block may keep its bytes in another file (HDF5 external storage, see
+:func:`fpnx.store.parts.data_file_of_segment`); its copy gets them into the new file as ordinary chunks, never
+the reference (HDF5's object copy would keep pointing at the other file).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .chunks import ChunkTable, chunk_addresses, chunk_table
+from .chunks import ChunkTable, chunk_addresses, chunk_table, external_storage
+from .schema import BLOCK_CHUNK_BYTES
 
 # copy_file_range is refused between file systems on older kernels, and by some file systems altogether
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
@@ -30,6 +35,10 @@ def copy_dataset_bytes(source: h5py.Dataset, source_path: Path, target: h5py.Gro
     ``target_fd`` is a descriptor of ``target``'s file, written beside HDF5: only inside the new dataset's own
     chunks, which HDF5 never writes itself (no fill).
     """
+    pieces = external_storage(source)
+    if pieces:
+        _copy_external(source, pieces, target, name, target_fd)
+        return True
     source_fd = source.file.id.get_vfd_handle()
     if not isinstance(source_fd, int):
         return False
@@ -72,6 +81,54 @@ def _read_and_write(source_fd: int, source_at: int, target_fd: int, target_at: i
         while written < count:
             written += os.pwrite(target_fd, view[written:count], target_at + written)
         source_at, target_at, size = source_at + count, target_at + count, size - count
+
+
+def _copy_external(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], target: h5py.Group, name: str, target_fd: int) -> None:
+    """Copy a 1-D dataset held in external raw storage into ordinary chunks of about 1 MiB of ``target``."""
+    length, item = int(source.shape[0]), source.dtype.itemsize
+    chunk = max(1, min(BLOCK_CHUNK_BYTES // item, length))
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    copy = target.create_dataset(name, shape=source.shape, dtype=source.dtype, chunks=(chunk,), maxshape=(None,),
+                                 fill_time="never", dcpl=plist)
+    count = -(-length // chunk)
+    addresses = chunk_addresses(copy.id, chunk, chunk * item, count)
+    if addresses is None:
+        raise OSError(errno.EIO, f"HDF5 did not allocate {copy.name} as asked")
+    wanted = [(address, min(chunk, length - j * chunk) * item) for j, address in enumerate(addresses.tolist())]
+    opened: dict[bytes, int] = {}
+    try:
+        for (file, source_at, target_at, size) in _pieces(pieces, wanted):
+            if file not in opened:
+                opened[file] = os.open(file, os.O_RDONLY)
+            copy_file_bytes(opened[file], source_at, target_fd, target_at, size)
+    finally:
+        for descriptor in opened.values():
+            os.close(descriptor)
+
+
+def _pieces(sources: list[tuple[bytes, int, int]], targets: list[tuple[int, int]]) -> list[tuple[bytes, int, int, int]]:
+    """Walk two descriptions of the same bytes, ``sources`` (file, offset, size) and ``targets`` (offset, size),
+    and return (file, source offset, target offset, size) of each run of bytes that is contiguous in both."""
+    pieces: list[tuple[bytes, int, int, int]] = []
+    queue = [list(entry) for entry in sources]
+    index = 0
+    for target_at, size in targets:
+        while size:
+            if index == len(queue):
+                raise OSError(errno.EIO, "the external storage of a block is shorter than the block")
+            file, source_at, available = queue[index]
+            step = min(size, available)
+            last = pieces[-1] if pieces else None
+            if last and last[0] == file and last[1] + last[3] == source_at and last[2] + last[3] == target_at:
+                pieces[-1] = (file, last[1], last[2], last[3] + step)
+            else:
+                pieces.append((file, source_at, target_at, step))
+            queue[index] = [file, source_at + step, available - step]
+            if available == step:
+                index += 1
+            target_at, size = target_at + step, size - step
+    return pieces
 
 
 def _allocated_like(source: h5py.Dataset, table: ChunkTable, target: h5py.Group, name: str) -> h5py.Dataset:

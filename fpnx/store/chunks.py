@@ -112,6 +112,13 @@ def chunk_table(dataset: h5py.Dataset, file_size: int, path: Path) -> ChunkTable
     return ChunkTable(length, chunk, item, addresses, consecutive)
 
 
+def external_storage(dataset: h5py.Dataset) -> list[tuple[bytes, int, int]]:
+    """(file name, offset, bytes) of each piece of a dataset kept in HDF5 external raw storage, in order; [] for
+    a dataset stored in its own file."""
+    plist = dataset.id.get_create_plist()
+    return [plist.get_external(i) for i in range(plist.get_external_count())]
+
+
 def chunk_addresses(dataset_id: h5py.h5d.DatasetID, chunk: int, chunk_bytes: int, count: int) -> np.ndarray | None:
     addresses = np.full(count, -1, np.int64)
     usable = [True]

@@ -110,24 +110,22 @@ def write_merged(
 
     Blocks are renumbered 1, 2, ... in input order. On any failure ``out`` is untouched and the ``.tmp`` removed.
     Inputs are opened one at a time (a .parts folder may hold thousands of segments). ``started``: a merge that
-    already holds the files before these (a writer's, begun while its run went on); it is moved to ``out``'s
-    ``.tmp`` name and finished there.
+    already holds the files before these (a writer's, begun while its run went on); it is finished where it is
+    and renamed to ``out``.
     """
-    tmp = tmp_path_for(out)
-    remove_file(tmp)
     merged = started
     try:
         if merged is None:
-            merged = MergedFile(tmp, layout, attrs)
-        else:
-            merged.move(tmp)
+            remove_file(tmp_path_for(out))
+            merged = MergedFile(tmp_path_for(out), layout, attrs)
         for path in files:
             merged.add(path, settings, expected_in=expected_in)
         merged.finish()
-        publish(tmp, out)
+        publish(merged.path, out)
     except BaseException as error:
         failure = merged.abandon() if merged is not None else None
-        remove_file(tmp)
+        if merged is None:
+            remove_file(tmp_path_for(out))
         if failure is not None and failure is not error:
             raise failure from None  # the cause (errno), not whatever HDF5 made of it
         raise
@@ -136,12 +134,19 @@ def write_merged(
 class MergedFile:
     """A merge being written at ``path``: :meth:`add` copies one file's blocks (renumbered after those before)
     and pooled vectors and keeps its rows; :meth:`finish` writes the tables and closes it. Used whole by
-    :func:`write_merged`, or a file at a time as a run commits its segments."""
+    :func:`write_merged`, or a file at a time as a run commits its segments.
 
-    def __init__(self, path: Path, layout: schema.Layout, attrs: Mapping[str, Any]) -> None:
+    A run may also write a segment's block straight into it (:meth:`open_block`) and commit the segment with a
+    reference to those bytes; from then on (:meth:`hold`) the file is never deleted by :meth:`abandon`, only
+    closed: the next run takes the bytes back into the segments (FeatureWriter).
+    """
+
+    def __init__(self, path: Path, layout: schema.Layout, attrs: Mapping[str, Any], *, first_block: int = 1) -> None:
         self.path = path
         self.layout = layout
         self.added: list[Path] = []
+        self.held = False
+        self._first_block = first_block
         self._target: NewFile | None = NewFile(path, attrs)
         dst = self._target.h5
         self._blocks = dst[schema.BLOCKS]
@@ -151,15 +156,20 @@ class MergedFile:
         self._indexes: list[Index] = []
         self._segments: list[np.ndarray] = []
 
-    def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str) -> None:
+    def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str, in_place: int | None = None) -> None:
+        """Add the file at ``path``: its block copied in, or, with ``in_place``, already written here as that
+        block by :meth:`open_block` (a segment that holds one block)."""
         target = self._open_target()
         store, index = load_file(path, settings, expected_in=expected_in)
         try:
             _refuse_duplicates(store.path, index, self._stored_in)
             renumbering = {}
             for old in _block_numbers(store):
-                number = len(self._blocks) + 1
-                _copy_block(store, old, self._blocks.create_group(schema.block_name(number)), target.descriptor)
+                if in_place is not None:
+                    number = in_place
+                else:
+                    number = self._next_block()
+                    _copy_block(store, old, self._blocks.create_group(schema.block_name(number)), target.descriptor)
                 renumbering[old] = number
             self._segments.append(_renumber(store, index, renumbering))
             self._indexes.append(index)
@@ -170,15 +180,33 @@ class MergedFile:
         target.check()  # stop at the first failed write (disk full), not after copying everything
         self.added.append(path)
 
-    def write_back(self) -> None:
-        """Wait until the bytes copied so far are on the disk, so that publishing the file later has little left to
-        write (its fsync would otherwise wait for all of them at the end)."""
-        os.fsync(self._open_target().descriptor)
+    def open_block(self) -> tuple[int, h5py.Group]:
+        """A new, empty block for a writer to fill: its number and group."""
+        number = self._next_block()
+        return number, self._blocks.create_group(schema.block_name(number))
 
-    def move(self, path: Path) -> None:
-        """Give the (open) file another name in the same folder tree."""
-        os.replace(self.path, path)
-        self.path = path
+    def drop_block(self, number: int) -> None:
+        """Forget a block from :meth:`open_block` whose segment was thrown away (its bytes stay unused)."""
+        del self._blocks[schema.block_name(number)]
+
+    def hold(self) -> None:
+        """A committed segment now keeps its bytes here: never delete this file (see the class)."""
+        self.held = True
+
+    @property
+    def failure(self) -> OSError | None:
+        return self._target.failure if self._target is not None else None
+
+    def check(self) -> None:
+        """Raise the first failed write, if any."""
+        self._open_target().check()
+
+    def write_back(self) -> None:
+        """Wait until the bytes written so far are on the disk (raising the first failed write): before a segment
+        that refers to them is committed, and so that publishing the file later has little left to write."""
+        target = self._open_target()
+        target.check()
+        os.fsync(target.descriptor)
 
     def finish(self) -> None:
         """Write the ``/images`` and ``/failures`` tables and close the file (to be published by the caller)."""
@@ -189,12 +217,17 @@ class MergedFile:
         target.close()
 
     def abandon(self) -> OSError | None:
-        """Close and delete the file; returns its first failed write, if any."""
+        """Close and delete the file (only close it once :meth:`hold` was called); returns its first failed
+        write, if any."""
         target, self._target = self._target, None
         if target is not None:
             target.abandon()
-        remove_file(self.path)
+        if not self.held:
+            remove_file(self.path)
         return target.failure if target is not None else None
+
+    def _next_block(self) -> int:
+        return len(self._blocks) + self._first_block
 
     def _open_target(self) -> NewFile:
         if self._target is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,15 @@ def tmp_path_for(path: Path) -> Path:
 def early_merge_path(output: Path) -> Path:
     """Where a run merges its committed segments while it goes on (``OUT.h5.merge.tmp``; see FeatureWriter)."""
     return output.with_name(output.name + ".merge" + TMP_SUFFIX)
+
+
+def data_file_of_segment(segment: Path) -> Path | None:
+    """The one file besides itself a committed segment may keep its block's bytes in: the early merge of its run
+    (``OUT.h5.merge.tmp`` beside ``OUT.h5.parts/``; see FeatureWriter). None for a file that is not a segment."""
+    parts = segment.parent
+    if not (_SEGMENT.match(segment.name) and parts.name.endswith(PARTS_SUFFIX)):
+        return None
+    return Path(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
 
 
 def segment_path(parts: Path, number: int) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,7 +13,9 @@ import h5py
 import numpy as np
 
 from . import schema
+from .chunks import chunk_addresses
 from .files import publish, remove_file
+from .merge import MergedFile
 from .parts import segment_path, tmp_path_for
 from .schema import ImageRecord, Layout
 from .tables import NewFile, write_tables
@@ -22,9 +26,13 @@ class OpenSegment:
     compressed once); what waits in memory is less than one chunk per level, plus the small index rows.
 
     Its one block is named after the segment number, so a committed segment is itself a valid fpnx file.
+    With ``data_file`` (a run's early merge; uncompressed blocks only) the block's chunks are written there, as
+    that file's own block, and the segment's block datasets refer to those bytes (HDF5 external storage): each
+    byte is written to the disk once. The data file is made durable before the segment is committed.
     """
 
-    def __init__(self, parts: Path, number: int, layout: Layout, attrs: Mapping[str, Any]) -> None:
+    def __init__(self, parts: Path, number: int, layout: Layout, attrs: Mapping[str, Any],
+                 data_file: MergedFile | None = None) -> None:
         self.number = number
         self.path = segment_path(parts, number)
         self.tmp = tmp_path_for(self.path)
@@ -36,7 +44,18 @@ class OpenSegment:
         self._rows: dict[str, list[Any]] = {name: [] for name in layout.index_columns()}
         self._pooled: dict[str, list[np.ndarray]] = {level: [] for level in layout.levels} if layout.pool else {}
         self._file: NewFile | None = NewFile(self.tmp, attrs)
-        self._levels = {level: _LevelData(level, layout, self._block) for level in layout.levels if layout.maps}
+        self._data_file = data_file
+        self.data_block: int | None = None  # the block's number in data_file
+        self._levels: dict[str, _LevelData] = {}
+        block = self._block
+        if data_file is not None:
+            try:
+                self.data_block, data_group = data_file.open_block()
+            except BaseException:
+                self.discard()
+                raise
+            block = lambda: data_group  # noqa: E731
+        self._levels = {level: _LevelData(level, layout, block) for level in layout.levels if layout.maps}
         # False while an add() runs: one cut short (Ctrl-C) may leave queued arrays and offsets out of step,
         # and such a segment must be thrown away, never committed.
         self.consistent = True
@@ -55,6 +74,8 @@ class OpenSegment:
             offsets[level] = level_data.append(flat)
             self.nbytes += flat.nbytes
         self._live_file().check()  # a failed write ends the segment before its row is recorded
+        if self._data_file is not None:
+            self._data_file.check()
         self.sources.append(record.source)
         row = {
             schema.HEIGHT: record.height,
@@ -82,21 +103,37 @@ class OpenSegment:
             raise ValueError(f"segment {self.path} was interrupted while adding an image and cannot be committed")
         for level_data in self._levels.values():
             level_data.finish()
+        if self._data_file is not None:
+            self._refer_to_data_file(self._data_file)
         pooled = {level: np.stack(vectors) if vectors else np.zeros((0, self.layout.channels[level]), np.float32)
                   for level, vectors in self._pooled.items()}
         write_tables(file.h5, self.layout, self.sources, self._rows, self.failures, pooled)
         file.close()
         self._file = None
+        if self._data_file is not None:
+            self._data_file.hold()
         publish(self.tmp, self.path)
         return self.path
 
     @property
-    def failure(self) -> OSError | None:
-        return self._file.failure if self._file is not None else None
+    def failure(self) -> tuple[Path, OSError] | None:
+        """The file whose write failed first (this segment or its data file) and the error; None if none did."""
+        for path, failure in ((self.path, self._file.failure if self._file is not None else None),
+                              (self._data_file.path if self._data_file else None,
+                               self._data_file.failure if self._data_file else None)):
+            if failure is not None:
+                return path, failure
+        return None
 
     def discard(self) -> None:
         """Drop the segment after a failure: close what HDF5 holds, remove the ``.tmp`` file."""
         self._levels.clear()
+        if self.data_block is not None:
+            try:
+                self._data_file.drop_block(self.data_block)
+            except Exception:  # noqa: BLE001 - a data file that failed is being reported already
+                pass
+            self.data_block = None
         if self._file is not None:
             self._file.abandon()
             self._file = None
@@ -106,6 +143,19 @@ class OpenSegment:
         if self._file is None:
             raise ValueError(f"segment {self.path} is already committed or discarded")
         return self._file
+
+    def _refer_to_data_file(self, data_file: MergedFile) -> None:
+        """Make the written chunks durable in ``data_file``, then give this segment's block datasets that refer
+        to them (raises the data file's first failed write: the segment is then thrown away)."""
+        data_file.write_back()
+        name = os.fsencode(os.path.realpath(data_file.path))
+        for level, level_data in self._levels.items():
+            pieces = level_data.stored_pieces()
+            if pieces is None:  # no image had maps in this segment
+                continue
+            external = [(name, address, size) for address, size in pieces]
+            self._block().create_dataset(level, shape=(level_data.length,), dtype=self.layout.dtype,
+                                         external=external)
 
     def _block(self) -> h5py.Group:
         return self._live_file().h5[schema.BLOCKS].require_group(schema.block_name(self.number))
@@ -154,6 +204,30 @@ class _LevelData:
         self._partial[:rest] = data[whole:]  # the caller may reuse its array
         self._partial_size = rest
         return offset
+
+    @property
+    def length(self) -> int:
+        return self._written + self._partial_size
+
+    def stored_pieces(self) -> list[tuple[int, int]] | None:
+        """(file address, bytes) of the written data, contiguous runs of chunks joined; None before any write.
+        Only for uncompressed datasets, after :meth:`finish`."""
+        if self._dataset is None:
+            return None
+        item = self._dataset.dtype.itemsize
+        chunk = self._dataset.chunks[0]
+        count = -(-self._written // chunk)
+        addresses = chunk_addresses(self._dataset.id, chunk, chunk * item, count)
+        if addresses is None:
+            raise OSError(errno.EIO, f"HDF5 did not store {self._dataset.name} as whole chunks")
+        pieces: list[tuple[int, int]] = []
+        for j, address in enumerate(addresses.tolist()):
+            size = min(chunk, self._written - j * chunk) * item
+            if pieces and pieces[-1][0] + pieces[-1][1] == address:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + size)
+            else:
+                pieces.append((address, size))
+        return pieces
 
     def finish(self) -> None:
         if self._partial_size:

@@ -7,6 +7,7 @@ version, missing pieces, soft or external links) becomes one ``StoreError`` line
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import numpy as np
 
 from ..errors import StoreError, first_line
 from . import schema
+from .chunks import external_storage
+from .parts import data_file_of_segment
 from .schema import Layout
 
 # Per open block dataset; enough to keep the chunk shared by two neighbouring images while reading in order.
@@ -61,10 +64,24 @@ def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
     obj = group[name]
     if not isinstance(obj, kind):
         raise StoreError(f"{path} is a damaged fpnx feature file: {_where(group, name)} is not a {kind.__name__.lower()}")
-    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or (obj.external and not _own_data_file(obj, path))):
         # Virtual datasets and external raw storage read other files: never from a file someone handed us.
         raise StoreError(f"{path} is not a trusted fpnx feature file: {_where(group, name)} reads data from other files")
     return obj
+
+
+def _own_data_file(dataset: h5py.Dataset, path: Path) -> bool:
+    """True for a committed segment's block whose bytes are in its run's early merge (and nowhere else)."""
+    allowed = data_file_of_segment(path)
+    if allowed is None:
+        return False
+    names = {name for name, _, _ in external_storage(dataset)}
+    if names == {os.fsencode(allowed)}:
+        return True
+    if all(not os.path.exists(name) for name in names):  # a parts folder moved away from its early merge
+        raise StoreError(f"{path} keeps its data in {os.fsdecode(names.pop())}, which is missing; run extract again "
+                         f"where the parts folder was made, or start anew")
+    return False
 
 
 def _where(group: h5py.Group, name: str) -> str:

@@ -5,9 +5,9 @@ nothing is ever written into a file that matters: each segment is written as ``.
 renamed (then never touched again), and ``finalize`` builds ``OUT.h5.tmp`` and renames it over ``OUT.h5``.
 A killed run loses at most its open segment; rerunning the same command resumes (see docs/format.md).
 
-A run that starts a new output begins finalize's merge as it commits segments: each committed segment is
-copied into ``OUT.h5.merge.tmp`` right away (by whichever thread commits), so that finalize has only the last
-one left to copy. That file is only ever an unfinished copy: a kill leaves it for the next run to delete.
+A run that starts a new output begins finalize's merge while it goes on, in ``OUT.h5.merge.tmp``; uncompressed
+blocks are written there once, and committed segments refer to them (:mod:`fpnx.store.early_merge`). Only those
+chunks' bytes are trusted in that file: written once, fsynced before the segment is committed, never rewritten.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from . import schema
 from .files import fsync_dir, remove_file, remove_tree
 from .lock import OutputLock
 from .location import locate_store, open_checked
-from .merge import MergedFile, merge_into, write_error
+from .early_merge import EarlyMerge, take_back_data
+from .merge import merge_into, write_error
 from .parts import (
     Manifest, committed_segments, early_merge_path, leftover_tmp_files, parts_dir_for, remove_all_but_manifest,
     tmp_path_for,
@@ -90,8 +91,7 @@ class FeatureWriter:
         self._next_segment = 1
         self._closed = False
         self._frozen: tuple[frozenset[str], frozenset[str]] | None = None
-        self._merging: MergedFile | None = None  # finalize's merge, begun as segments are committed
-        self._merge_early = False
+        self._early: EarlyMerge | None = None  # finalize's merge, begun as segments are committed
         self._lock = OutputLock(self.path)
         self._lock.acquire()
         try:
@@ -165,7 +165,7 @@ class FeatureWriter:
         self._in_parts += segment.image_count
         self._segment = None
         self._next_segment = segment.number + 1
-        self._merge_committed()
+        self._early_merge().committed(segment.path, segment.data_block)
 
     # -- ending ---------------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class FeatureWriter:
                 kept = f"the {self._in_parts} images in {self.parts} are kept" + (
                     f", and so is the old {self.path.name}" if self._in_output else ""
                 )
-                merging, self._merging = self._merging, None
+                merging = self._early_merge().take()
                 try:
                     merge_into(self.path, stores, self._settings, self._output_attrs(), expected_in=THIS_RUN,
                                kept=kept, started=merging)
@@ -186,6 +186,7 @@ class FeatureWriter:
                     if merging is not None:  # stopped before the merge took it over (or after: then a no-op)
                         merging.abandon()
                     raise
+            remove_file(early_merge_path(self.path))  # given up while segments referred to it: copied by now
             remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
             fsync_dir(self.path.parent)
@@ -197,7 +198,8 @@ class FeatureWriter:
         """Commit what is pending and release the output; do not finalize (the next run resumes)."""
         if self._closed:
             return
-        self._merge_early = False  # not finalizing: the last segment is not merged early for nothing
+        if self._early is not None:
+            self._early.stop()  # not finalizing: the last segment is not merged early for nothing
         try:
             self.commit()
         finally:
@@ -216,21 +218,23 @@ class FeatureWriter:
 
     def _open(self, overwrite: bool) -> None:
         remove_file(tmp_path_for(self.path))  # a finalize that was killed; it is redone from the parts
-        remove_file(early_merge_path(self.path))  # the same, begun early by a run that was killed
         if overwrite:
             remove_tree(self.parts)
             remove_file(self.path)
+            remove_file(early_merge_path(self.path))
             fsync_dir(self.path.parent)
-        # an old OUT.h5 comes first in the merge, and copying it belongs to finalize: then nothing is begun early
-        self._merge_early = not self.path.exists()
+        new_output = not self.path.exists()
         finished_parts_id = self._load_finished_output()
         manifest = self._load_parts(finished_parts_id)
+        remove_file(early_merge_path(self.path))  # begun by a run that was killed; what it held is in the parts
         if manifest is None:
             manifest = Manifest(uuid.uuid4().hex, self._settings, self._metadata)
             self.parts.mkdir()
             fsync_dir(self.parts.parent)
             manifest.write(self.parts)
         self._run_id = manifest.run_id
+        self._early = EarlyMerge(self.path, self.parts, self._layout, self._settings, self._output_attrs(),
+                                 enabled=new_output, expected_in=THIS_RUN)
 
     def _load_finished_output(self) -> str | None:
         """Load what ``path`` holds (for an incremental run); returns the id of the parts it absorbed."""
@@ -275,6 +279,7 @@ class FeatureWriter:
             return None
         self._refuse_other_settings(self.parts, manifest.settings)
         for number, segment in segments:
+            self._take_back_data(segment, number, manifest.settings)
             try:
                 store = open_checked(segment, manifest.settings, expected_in=f"in {self.parts / 'manifest.json'}")
                 try:
@@ -304,8 +309,9 @@ class FeatureWriter:
 
     def _open_segment(self) -> OpenSegment:
         if self._segment is None:
+            data_file = self._early_merge().file_for_segment()
             try:
-                self._segment = OpenSegment(self.parts, self._next_segment, self._layout, self._attrs)
+                self._segment = OpenSegment(self.parts, self._next_segment, self._layout, self._attrs, data_file)
             except (OSError, RuntimeError) as error:
                 target = self.parts / f"seg-{self._next_segment:06d}.h5"
                 self._release()
@@ -324,10 +330,10 @@ class FeatureWriter:
         """Drop the open segment (its images are lost, everything committed stays) and release the output."""
         segment = self._segment
         assert segment is not None
-        error = segment.failure or error
+        target, error = segment.failure or (segment.path, error)
         self._drop_segment()
         self._release()
-        return write_error(segment.path, error, self._kept_text())
+        return write_error(target, error, self._kept_text())
 
     def _drop_segment(self) -> None:
         """Throw the open segment away: its images count as not done, committed work is untouched."""
@@ -341,31 +347,18 @@ class FeatureWriter:
     def _output_attrs(self) -> dict[str, Any]:
         return {**self._attrs, schema.ATTR_PARTS_ID: self._run_id}
 
-    def _merge_committed(self) -> None:
-        """Copy every committed segment not merged yet into the early merge. Only an optimisation: at the first
-        failure of any kind it is given up, and finalize merges everything itself (and reports what fails)."""
-        if not self._merge_early:
-            return
-        try:
-            if self._merging is None:
-                self._merging = MergedFile(early_merge_path(self.path), self._layout, self._output_attrs())
-            merged = set(self._merging.added)
-            for _, path in committed_segments(self.parts):
-                if path not in merged:
-                    self._merging.add(path, self._settings, expected_in=THIS_RUN)
-            self._merging.write_back()
-        except BaseException as error:  # noqa: BLE001 - see above; a half-copied segment is never kept
-            self._merge_early = False
-            self._abandon_merging()
-            if not isinstance(error, Exception):
-                raise
+    def _early_merge(self) -> EarlyMerge:
+        assert self._early is not None
+        return self._early
 
-    def _abandon_merging(self) -> None:
-        merging, self._merging = self._merging, None
-        if merging is not None:
-            merging.abandon()
-        else:
-            remove_file(early_merge_path(self.path))
+    def _take_back_data(self, segment: Path, number: int, settings: Mapping[str, Any]) -> None:
+        try:
+            take_back_data(segment, number, self._layout, settings, self._attrs,
+                           expected_in=f"in {self.parts / 'manifest.json'}")
+        except StoreError as error:
+            raise StoreError(f"{error}; {STARTS_ANEW}") from None
+        except OSError as error:
+            raise write_error(segment, error, self._kept_text()) from None
 
     def _kept_text(self) -> str:
         return f"the {self._in_output + self._in_parts} images written before are kept"
@@ -374,8 +367,8 @@ class FeatureWriter:
         if self._segment is not None:  # only after a failure: an unfinished segment is never published
             self._segment.discard()
             self._segment = None
-        if self._merging is not None:  # not finalized: the next run begins again from the parts
-            self._abandon_merging()
+        if self._early is not None:  # not finalized: the next run begins again from the parts
+            self._early.abandon()
         self._closed = True
         self._lock.release()
 

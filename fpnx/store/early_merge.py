@@ -1,0 +1,112 @@
+"""Finalize's merge of a new output, begun while its run goes on: ``OUT.h5.merge.tmp`` beside the output.
+
+With uncompressed maps, each segment's block is written straight into it and the committed segment refers to
+those bytes (HDF5 external storage): every byte reaches the disk once, and finalize adds only the tables.
+Otherwise each committed segment is copied in as it is committed, so that finalize has only the last one left.
+Either way it is only an optimisation: at its first failure it is given up and finalize merges the parts.
+
+Once a committed segment refers to it, the file is never deleted by the run: a kill, a failure or a close
+without finalize leaves it, and the next run copies those bytes back into the segments (:func:`take_back_data`)
+before deleting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .chunks import external_storage
+from .files import remove_file
+from .location import open_checked
+from .merge import MergedFile, write_merged
+from .parts import committed_segments, early_merge_path, tmp_path_for
+from .schema import Layout
+
+
+class EarlyMerge:
+    """The early merge of the run writing ``output`` (``enabled`` for a new output only: an old ``OUT.h5``
+    comes first in the merge, and copying it belongs to finalize)."""
+
+    def __init__(self, output: Path, parts: Path, layout: Layout, settings: Mapping[str, Any],
+                 attrs: Mapping[str, Any], *, enabled: bool, expected_in: str) -> None:
+        self.path = early_merge_path(output)
+        self._parts = parts
+        self._layout = layout
+        self._settings = settings
+        self._attrs = attrs
+        self._expected_in = expected_in
+        self._enabled = enabled
+        self._writes_blocks = enabled and layout.maps and layout.compression == "none"
+        self._file: MergedFile | None = None
+        self._in_place: dict[Path, int] = {}  # committed segment -> its block in the file
+
+    def file_for_segment(self) -> MergedFile | None:
+        """Where the next segment writes its block: the merge (the committed segments so far added first), or
+        None (in the segment itself) where blocks are not written in place or the merge was given up."""
+        if not self._writes_blocks:
+            return None
+        try:
+            return self._add_committed({})
+        except Exception:  # noqa: BLE001 - only an optimisation: the segment holds its block instead
+            self.give_up()
+            return None
+
+    def committed(self, segment: Path, data_block: int | None) -> None:
+        """A segment was committed (its block at ``data_block`` of this file, or in itself): add every committed
+        segment not merged yet and write them back."""
+        if data_block is not None:
+            self._in_place[segment] = data_block
+        if not self._enabled:
+            return
+        try:
+            self._add_committed(self._in_place).write_back()
+        except BaseException as error:  # noqa: BLE001 - see the module; a half-copied segment is never kept
+            self.give_up()
+            if not isinstance(error, Exception):
+                raise
+
+    def take(self) -> MergedFile | None:
+        """Hand the file to finalize (which finishes or abandons it)."""
+        file, self._file = self._file, None
+        return file
+
+    def stop(self) -> None:
+        """No more merging: the run closes without finalize."""
+        self._enabled = self._writes_blocks = False
+
+    def give_up(self) -> None:
+        self.stop()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Close the file; delete it unless committed segments refer to it."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.abandon()  # kept once held
+        elif not self._in_place:
+            remove_file(self.path)
+
+    def _add_committed(self, in_place: Mapping[Path, int]) -> MergedFile:
+        if self._file is None:
+            self._file = MergedFile(self.path, self._layout, self._attrs)
+        merged = set(self._file.added)
+        for _, path in committed_segments(self._parts):
+            if path not in merged:
+                self._file.add(path, self._settings, expected_in=self._expected_in, in_place=in_place.get(path))
+        return self._file
+
+
+def take_back_data(segment: Path, number: int, layout: Layout, settings: Mapping[str, Any],
+                   attrs: Mapping[str, Any], *, expected_in: str) -> None:
+    """A segment committed by a run that was killed (or failed, or closed) may keep its bytes in that run's early
+    merge, about to be deleted: rewrite it, atomically, as a segment holding them itself."""
+    store = open_checked(segment, settings, expected_in=expected_in)
+    try:
+        refers = any(external_storage(store.block_dataset(int(block), level))
+                     for block in store.block_names() for level in store.layout.levels)
+    finally:
+        store.close()
+    if refers:
+        whole = MergedFile(tmp_path_for(segment), layout, attrs, first_block=number)
+        write_merged([segment], segment, layout, settings, attrs, expected_in=expected_in, started=whole)
