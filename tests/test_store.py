@@ -850,6 +850,23 @@ def test_a_closed_run_keeps_its_early_merge_until_the_next_run_takes_the_bytes_b
         np.testing.assert_array_equal(reader["big/1.jpg"]["p2"], _big_image(1)[1]["p2"])
 
 
+def test_segments_whose_early_merge_is_gone_are_a_clear_error(tmp_path):
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        add_images(w, range(2))
+    (tmp_path / "out.h5.merge.tmp").unlink()  # deleted by hand: the segments' bytes are gone
+    with pytest.raises(StoreError) as caught:
+        writer(out)
+    message = str(caught.value)
+    assert "seg-000001.h5 keeps its data in" in message and "out.h5.merge.tmp, which is missing" in message
+    assert message.endswith("--overwrite starts anew") and "\n" not in message
+    with writer(out, overwrite=True) as w:
+        add_images(w, range(2))
+        w.finalize()
+    with open_features(out) as reader:
+        expect_images(reader, range(2))
+
+
 def test_a_new_compressed_output_is_merged_as_segments_are_committed(tmp_path, monkeypatch):
     """Compressed blocks cannot be written in place: finalize's copy begins at each commit (beside OUT.h5, never
     in the parts), so finalize itself copies only the segment it commits; the file is the one a merge at the end

@@ -76,12 +76,10 @@ def _own_data_file(dataset: h5py.Dataset, path: Path) -> bool:
     if allowed is None:
         return False
     names = {name for name, _, _ in external_storage(dataset)}
-    if names == {os.fsencode(allowed)}:
-        return True
-    if all(not os.path.exists(name) for name in names):  # a parts folder moved away from its early merge
-        raise StoreError(f"{path} keeps its data in {os.fsdecode(names.pop())}, which is missing; run extract again "
-                         f"where the parts folder was made, or start anew")
-    return False
+    if len(names) == 1 and not os.path.exists(next(iter(names))):
+        # deleted, or the parts folder was moved away from it
+        raise StoreError(f"{path} keeps its data in {os.fsdecode(names.pop())}, which is missing")
+    return names == {os.fsencode(allowed)}
 
 
 def _where(group: h5py.Group, name: str) -> str:
