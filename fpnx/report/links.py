@@ -13,6 +13,9 @@ from pathlib import Path
 
 import h5py
 
+from ..store.chunks import external_storage
+from ..store.parts import refers_to_own_data_file
+
 # At most this many links are listed (a count of the rest follows).
 MAX_LINKS = 50
 
@@ -82,9 +85,9 @@ def find_links(path: str | os.PathLike[str]) -> list[LinkInfo]:
                     if obj.is_virtual:
                         targets = sorted({source.file_name for source in obj.virtual_sources()})
                         found.append(LinkInfo(where, "virtual dataset", ", ".join(targets)))
-                    elif obj.external:
-                        targets = [os.fsdecode(entry[0]) for entry in obj.external]
-                        found.append(LinkInfo(where, "external storage", ", ".join(targets)))
+                    elif names := {name for name, _, _ in external_storage(obj)}:
+                        if not refers_to_own_data_file(Path(path), names):  # a run's own: read, not a link
+                            found.append(LinkInfo(where, "external storage", ", ".join(sorted(map(os.fsdecode, names)))))
             else:
                 found.append(LinkInfo(where, "user-defined link", type(link).__name__))
 

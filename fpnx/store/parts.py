@@ -43,6 +43,13 @@ def data_file_of_segment(segment: Path) -> Path | None:
     return Path(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
 
 
+def refers_to_own_data_file(segment: Path, names: set[bytes]) -> bool:
+    """True where ``names`` (the files a dataset of ``segment`` keeps its bytes in) are exactly its run's early
+    merge: the one case of HDF5 external storage fpnx reads."""
+    allowed = data_file_of_segment(segment)
+    return allowed is not None and names == {os.fsencode(allowed)}
+
+
 def segment_path(parts: Path, number: int) -> Path:
     return parts / f"seg-{number:06d}.h5"
 

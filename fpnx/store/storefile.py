@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import StoreError, first_line
 from . import schema
 from .chunks import external_storage
-from .parts import data_file_of_segment
+from .parts import data_file_of_segment, refers_to_own_data_file
 from .schema import Layout
 
 # Per open block dataset; enough to keep the chunk shared by two neighbouring images while reading in order.
@@ -72,14 +72,13 @@ def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
 
 def _own_data_file(dataset: h5py.Dataset, path: Path) -> bool:
     """True for a committed segment's block whose bytes are in its run's early merge (and nowhere else)."""
-    allowed = data_file_of_segment(path)
-    if allowed is None:
+    if data_file_of_segment(path) is None:
         return False
     names = {name for name, _, _ in external_storage(dataset)}
     if len(names) == 1 and not os.path.exists(next(iter(names))):
         # deleted, or the parts folder was moved away from it
         raise StoreError(f"{path} keeps its data in {os.fsdecode(names.pop())}, which is missing")
-    return names == {os.fsencode(allowed)}
+    return refers_to_own_data_file(path, names)
 
 
 def _where(group: h5py.Group, name: str) -> str:
