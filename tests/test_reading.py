@@ -216,10 +216,10 @@ BIG_CHANNELS = {"p2": 64, "p3": 64, "p6": 2}  # p2 spans ~5 chunks of 1 MiB per 
 BIG_SIZES = [(300, 200), (200, 333), (150, 150)]
 
 
-def _resumed_and_closed(path: Path) -> Path:
-    """Open a writer on an unfinished run and close it: its segments then hold their own blocks."""
-    FeatureWriter(path, settings={"t": 1}, metadata=METADATA, levels=LEVELS, channels=BIG_CHANNELS,
-                  strides=STRIDES).close()
+def _parts_holding_their_blocks(path: Path) -> Path:
+    """The parts of an incremental run (an output exists already): segments that hold their own blocks."""
+    write(path, 0, channels=BIG_CHANNELS)
+    write(path, 7, commit_every=5, finalize=False, channels=BIG_CHANNELS, sizes=BIG_SIZES)
     return path.with_name(path.name + ".parts")
 
 
@@ -227,7 +227,7 @@ def _resumed_and_closed(path: Path) -> Path:
 def test_direct_reads_equal_hdf5(tmp_path, kind):
     base = write(tmp_path / "base.h5", 7, commit_every=5, finalize="parts" not in kind, channels=BIG_CHANNELS,
                  sizes=BIG_SIZES, compression="lzf" if kind == "lzf" else "none")
-    path = {"parts": lambda: _resumed_and_closed(base),
+    path = {"parts": lambda: _parts_holding_their_blocks(tmp_path / "incremental.h5"),
             "referring parts": lambda: tmp_path / "base.h5.parts",  # blocks in the run's early merge
             "userblock": lambda: _with_userblock(base, tmp_path / "userblock.h5"),
             "contiguous": lambda: _with_contiguous_block(base, tmp_path / "contiguous.h5")}.get(kind, lambda: base)()

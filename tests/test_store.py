@@ -823,9 +823,9 @@ def test_a_new_output_writes_each_block_once(tmp_path, monkeypatch):
     assert contents(out) == contents(whole)
 
 
-def test_a_closed_run_keeps_its_early_merge_until_the_next_run_takes_the_bytes_back(tmp_path):
+def test_a_closed_run_keeps_its_early_merge_until_the_next_run_keeps_the_bytes(tmp_path):
     """Closed without finalize, a run leaves its segments referring to the early merge: the parts folder reads
-    and merges (bytes copied, never references); the next run writes them back into the segments first."""
+    and merges (bytes copied, never references); the next run keeps the bytes in the parts folder first."""
     out = tmp_path / "out.h5"
     early = tmp_path / "out.h5.merge.tmp"
     with writer(out) as w:
@@ -841,13 +841,36 @@ def test_a_closed_run_keeps_its_early_merge_until_the_next_run_takes_the_bytes_b
     shutil.copy(_segments_of(out)[0], outside)
     with open_features(outside) as reader, pytest.raises(StoreError, match="reads data from other files"):
         reader[0]
-    with writer(out) as w:
-        assert not early.exists() and [_data_files(segment) for segment in _segments_of(out)] == [set(), set()]
+    with writer(out) as w:  # the bytes kept under another name (a hard link), the segments renamed to it
+        kept = tmp_path / "out.h5.parts" / "data-000001.bin"
+        assert not early.exists() and kept.exists()
+        assert [_data_files(segment) for segment in _segments_of(out)] == [{os.fsencode(os.path.realpath(kept))}] * 2
         w.finalize()
     assert contents(out) == contents(copied)
     with open_features(out) as reader:
         assert len(reader) == 5
         np.testing.assert_array_equal(reader["big/1.jpg"]["p2"], _big_image(1)[1]["p2"])
+
+
+def test_without_hard_links_the_bytes_are_copied_back_into_the_segments(tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        w.add(*_big_image(1))
+        add_images(w, range(2, 4))
+    with open_features(tmp_path / "out.h5.parts") as reader:
+        before = [reader[i] for i in range(len(reader))]
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", refused)  # a file system without hard links
+    writer(out).close()
+    assert not (tmp_path / "out.h5.merge.tmp").exists() and not list((tmp_path / "out.h5.parts").glob("data-*"))
+    assert [_data_files(segment) for segment in _segments_of(out)] == [set()]  # the segment holds its block
+    with open_features(tmp_path / "out.h5.parts") as reader:
+        for i, arrays in enumerate(before):
+            for level in LEVELS:
+                np.testing.assert_array_equal(reader[i][level], arrays[level])
 
 
 def test_segments_whose_early_merge_is_gone_are_a_clear_error(tmp_path):
@@ -936,14 +959,21 @@ def test_a_finalize_stopped_early_keeps_only_what_segments_refer_to(tmp_path, mo
         expect_images(reader, range(5))
 
 
-def test_an_early_merge_left_by_a_kill_is_taken_back_and_deleted_by_the_next_run(tmp_path):
+def test_an_early_merge_left_by_a_kill_is_kept_in_the_parts_and_deleted_by_finalize(tmp_path):
     out = tmp_path / "out.h5"
     _kill_child(_write_then_hang, out, 4, 3)
-    assert (tmp_path / "out.h5.merge.tmp").exists() and _data_files(_segments_of(out)[0])
+    early = tmp_path / "out.h5.merge.tmp"
+    assert _data_files(_segments_of(out)[0]) == {os.fsencode(os.path.realpath(early))}
     with writer(out) as w:
-        assert not (tmp_path / "out.h5.merge.tmp").exists() and _data_files(_segments_of(out)[0]) == set()
+        kept = tmp_path / "out.h5.parts" / "data-000001.bin"
+        assert not early.exists() and _data_files(_segments_of(out)[0]) == {os.fsencode(os.path.realpath(kept))}
         add_images(w, range(4, 8))
+        w.close()  # closed this time: its own early merge is kept as well
+    with writer(out) as w:
+        assert sorted(p.name for p in (tmp_path / "out.h5.parts").glob("data-*")) == ["data-000001.bin",
+                                                                                      "data-000002.bin"]
         w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
     with open_features(out) as reader:
         expect_images(reader, range(8))
 

@@ -8,7 +8,7 @@ object copy would move each chunk through its own buffers and, for files written
 Compressed blocks, and anything :func:`~fpnx.store.chunks.chunk_table` cannot describe, go through HDF5.
 
 A committed segment's block may keep its bytes in another file (HDF5 external storage, see
-:func:`fpnx.store.parts.data_file_of_segment`); its copy gets them into the new file as ordinary chunks, never
+:func:`fpnx.store.parts.refers_to_own_data_file`); its copy gets them into the new file as ordinary chunks, never
 the reference (HDF5's object copy would keep pointing at the other file).
 """
 

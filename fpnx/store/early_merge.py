@@ -6,22 +6,28 @@ Otherwise each committed segment is copied in as it is committed, so that finali
 Either way it is only an optimisation: at its first failure it is given up and finalize merges the parts.
 
 Once a committed segment refers to it, the file is never deleted by the run: a kill, a failure or a close
-without finalize leaves it, and the next run copies those bytes back into the segments (:func:`take_back_data`)
-before deleting it.
+without finalize leaves it, and the next run keeps those bytes under another name in the parts folder
+(:func:`keep_data_of`) before deleting it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import h5py
+
+from . import schema
 from .chunks import external_storage
-from .files import remove_file
+from .files import fsync_dir, publish, remove_file
 from .location import open_checked
 from .merge import MergedFile, write_merged
-from .parts import committed_segments, early_merge_path, tmp_path_for
+from .parts import committed_segments, data_file_name, early_merge_path, tmp_path_for
 from .schema import Layout
+from .tables import NewFile
 
 
 class EarlyMerge:
@@ -97,16 +103,65 @@ class EarlyMerge:
         return self._file
 
 
-def take_back_data(segment: Path, number: int, layout: Layout, settings: Mapping[str, Any],
-                   attrs: Mapping[str, Any], *, expected_in: str) -> None:
-    """A segment committed by a run that was killed (or failed, or closed) may keep its bytes in that run's early
-    merge, about to be deleted: rewrite it, atomically, as a segment holding them itself."""
+def keep_data_of(early: Path, parts: Path, segments: list[tuple[int, Path]], layout: Layout,
+                 settings: Mapping[str, Any], attrs: Mapping[str, Any], *, expected_in: str) -> None:
+    """Before a run deletes the early merge ``early`` of a run that did not finalize, keep the bytes committed
+    segments refer to: a hard link ``data-NNNNNN.bin`` in the parts folder, the segments rewritten to name it
+    (no data copied), or, where the file system has no hard links, the bytes copied back into the segments.
+    At every step each segment names a file that holds its bytes, so a kill in between changes nothing."""
+    name = os.fsencode(os.path.realpath(early))
+    referring = [(number, segment) for number, segment in segments
+                 if name in _data_files(segment, settings, expected_in)]
+    if not referring:
+        return
+    kept = data_file_name(parts, referring[0][0])
+    try:
+        if not (kept.exists() and os.path.samefile(kept, early)):
+            os.link(early, kept)
+            fsync_dir(parts)
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        for number, segment in referring:
+            whole = MergedFile(tmp_path_for(segment), layout, attrs, first_block=number)
+            write_merged([segment], segment, layout, settings, attrs, expected_in=expected_in, started=whole)
+        return
+    for _, segment in referring:
+        _rename_data_file(segment, name, os.fsencode(os.path.realpath(kept)))
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _data_files(segment: Path, settings: Mapping[str, Any], expected_in: str) -> set[bytes]:
     store = open_checked(segment, settings, expected_in=expected_in)
     try:
-        refers = any(external_storage(store.block_dataset(int(block), level))
-                     for block in store.block_names() for level in store.layout.levels)
+        return {file for block in store.block_names() for level in store.layout.levels
+                for file, _, _ in external_storage(store.block_dataset(int(block), level))}
     finally:
         store.close()
-    if refers:
-        whole = MergedFile(tmp_path_for(segment), layout, attrs, first_block=number)
-        write_merged([segment], segment, layout, settings, attrs, expected_in=expected_in, started=whole)
+
+
+def _rename_data_file(segment: Path, old: bytes, new: bytes) -> None:
+    """Rewrite ``segment`` (atomically) with its external storage naming ``new`` where it named ``old``."""
+    tmp = tmp_path_for(segment)
+    with h5py.File(segment, "r") as source:
+        target = NewFile(tmp, dict(source.attrs))
+        try:
+            for name in source:
+                if name != schema.BLOCKS:
+                    source.copy(source[name], target.h5, name)
+            for block, group in source[schema.BLOCKS].items():
+                copy = target.h5[schema.BLOCKS].create_group(block)
+                for level, dataset in group.items():
+                    pieces = [(new if file == old else file, at, size) for file, at, size in external_storage(dataset)]
+                    if pieces:
+                        copy.create_dataset(level, shape=dataset.shape, dtype=dataset.dtype, external=pieces)
+                    else:
+                        source.copy(dataset, copy, level)
+            target.close()
+        except BaseException:
+            target.abandon()
+            remove_file(tmp)
+            raise
+    publish(tmp, segment)

@@ -138,7 +138,7 @@ class MergedFile:
 
     A run may also write a segment's block straight into it (:meth:`open_block`) and commit the segment with a
     reference to those bytes; from then on (:meth:`hold`) the file is never deleted by :meth:`abandon`, only
-    closed: the next run takes the bytes back into the segments (FeatureWriter).
+    closed: the next run keeps the bytes for the segments (:func:`fpnx.store.early_merge.keep_data_of`).
     """
 
     def __init__(self, path: Path, layout: schema.Layout, attrs: Mapping[str, Any], *, first_block: int = 1) -> None:

@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fpnx-parts"
 TMP_SUFFIX = ".tmp"
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.h5$")
+_DATA_FILE = re.compile(r"^data-(\d{6,})\.bin$")
 
 
 def parts_dir_for(output: Path) -> Path:
@@ -34,20 +35,28 @@ def early_merge_path(output: Path) -> Path:
     return output.with_name(output.name + ".merge" + TMP_SUFFIX)
 
 
-def data_file_of_segment(segment: Path) -> Path | None:
-    """The one file besides itself a committed segment may keep its block's bytes in: the early merge of its run
-    (``OUT.h5.merge.tmp`` beside ``OUT.h5.parts/``; see FeatureWriter). None for a file that is not a segment."""
-    parts = segment.parent
-    if not (_SEGMENT.match(segment.name) and parts.name.endswith(PARTS_SUFFIX)):
-        return None
-    return Path(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
+def in_parts_folder(segment: Path) -> bool:
+    """A committed segment's name, in a ``.parts`` folder."""
+    return bool(_SEGMENT.match(segment.name)) and segment.parent.name.endswith(PARTS_SUFFIX)
+
+
+def data_file_name(parts: Path, number: int) -> Path:
+    """Where a run keeps the early merge of the run before it, under a name that no run deletes but finalize
+    (see FeatureWriter): named after the first segment that refers to it."""
+    return parts / f"data-{number:06d}.bin"
 
 
 def refers_to_own_data_file(segment: Path, names: set[bytes]) -> bool:
-    """True where ``names`` (the files a dataset of ``segment`` keeps its bytes in) are exactly its run's early
-    merge: the one case of HDF5 external storage fpnx reads."""
-    allowed = data_file_of_segment(segment)
-    return allowed is not None and names == {os.fsencode(allowed)}
+    """True where ``names`` (the files a dataset of ``segment`` keeps its bytes in) are its run's early merge or
+    data files of its own parts folder: the one case of HDF5 external storage fpnx reads."""
+    if not (names and in_parts_folder(segment)):
+        return False
+    parts = segment.parent
+    early = os.fsencode(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
+    folder = os.fsencode(os.path.realpath(parts))
+    return all(name == early or (os.path.dirname(name) == folder
+                                 and _DATA_FILE.match(os.fsdecode(os.path.basename(name))) is not None)
+               for name in names)
 
 
 def segment_path(parts: Path, number: int) -> Path:

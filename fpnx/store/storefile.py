@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import StoreError, first_line
 from . import schema
 from .chunks import external_storage
-from .parts import data_file_of_segment, refers_to_own_data_file
+from .parts import in_parts_folder, refers_to_own_data_file
 from .schema import Layout
 
 # Per open block dataset; enough to keep the chunk shared by two neighbouring images while reading in order.
@@ -71,13 +71,13 @@ def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
 
 
 def _own_data_file(dataset: h5py.Dataset, path: Path) -> bool:
-    """True for a committed segment's block whose bytes are in its run's early merge (and nowhere else)."""
-    if data_file_of_segment(path) is None:
+    """True for a committed segment's block whose bytes are in its run's data files (and nowhere else)."""
+    if not in_parts_folder(path):
         return False
     names = {name for name, _, _ in external_storage(dataset)}
-    if len(names) == 1 and not os.path.exists(next(iter(names))):
-        # deleted, or the parts folder was moved away from it
-        raise StoreError(f"{path} keeps its data in {os.fsdecode(names.pop())}, which is missing")
+    missing = [name for name in names if not os.path.exists(name)]
+    if missing:  # deleted, or the parts folder was moved away from it
+        raise StoreError(f"{path} keeps its data in {os.fsdecode(missing[0])}, which is missing")
     return refers_to_own_data_file(path, names)
 
 

@@ -27,7 +27,7 @@ from . import schema
 from .files import fsync_dir, remove_file, remove_tree
 from .lock import OutputLock
 from .location import locate_store, open_checked
-from .early_merge import EarlyMerge, take_back_data
+from .early_merge import EarlyMerge, keep_data_of
 from .merge import merge_into, write_error
 from .parts import (
     Manifest, committed_segments, early_merge_path, leftover_tmp_files, parts_dir_for, remove_all_but_manifest,
@@ -278,8 +278,8 @@ class FeatureWriter:
             fsync_dir(self.parts.parent)
             return None
         self._refuse_other_settings(self.parts, manifest.settings)
+        self._keep_data(segments, manifest.settings)
         for number, segment in segments:
-            self._take_back_data(segment, number, manifest.settings)
             try:
                 store = open_checked(segment, manifest.settings, expected_in=f"in {self.parts / 'manifest.json'}")
                 try:
@@ -351,14 +351,16 @@ class FeatureWriter:
         assert self._early is not None
         return self._early
 
-    def _take_back_data(self, segment: Path, number: int, settings: Mapping[str, Any]) -> None:
+    def _keep_data(self, segments: list[tuple[int, Path]], settings: Mapping[str, Any]) -> None:
+        """The early merge of a run that did not finalize is about to be deleted: keep what segments refer to."""
+        expected_in = f"in {self.parts / 'manifest.json'}"
         try:
-            take_back_data(segment, number, self._layout, settings, self._attrs,
-                           expected_in=f"in {self.parts / 'manifest.json'}")
+            keep_data_of(early_merge_path(self.path), self.parts, segments, self._layout, settings, self._attrs,
+                         expected_in=expected_in)
         except StoreError as error:
             raise StoreError(f"{error}; {STARTS_ANEW}") from None
         except OSError as error:
-            raise write_error(segment, error, self._kept_text()) from None
+            raise write_error(self.parts, error, self._kept_text()) from None
 
     def _kept_text(self) -> str:
         return f"the {self._in_output + self._in_parts} images written before are kept"
