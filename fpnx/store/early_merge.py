@@ -3,7 +3,8 @@
 With uncompressed maps, each segment's block is written straight into it and the committed segment refers to
 those bytes (HDF5 external storage): every byte reaches the disk once, and finalize adds only the tables.
 Otherwise each committed segment is copied in as it is committed, so that finalize has only the last one left.
-Either way it is only an optimisation: at its first failure it is given up and finalize merges the parts.
+Merging early is only an optimisation: at its first failure it is given up and finalize merges the parts (a
+failed write of a segment's block into it fails that segment, as any failed write does).
 
 Once a committed segment refers to it, the file is never deleted by the run: a kill, a failure or a close
 without finalize leaves it, and the next run keeps those bytes under another name in the parts folder
