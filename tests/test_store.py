@@ -852,6 +852,30 @@ def test_a_closed_run_keeps_its_early_merge_until_the_next_run_keeps_the_bytes(t
         np.testing.assert_array_equal(reader["big/1.jpg"]["p2"], _big_image(1)[1]["p2"])
 
 
+def test_a_moved_unfinished_run_resumes_where_it_is_now(tmp_path):
+    """Segments name their data files by absolute path; a folder moved between two runs is found again."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    with writer(first / "out.h5") as w:
+        add_images(w, range(3))
+        w.commit()
+        add_images(w, range(3, 5))
+    with writer(first / "out.h5") as w:  # keeps that run's early merge as data-000001.bin, has its own
+        add_images(w, range(5, 7))
+    first.rename(second)
+    out = second / "out.h5"
+    with writer(out) as w:
+        named = set().union(*map(_data_files, _segments_of(out)))
+        assert named and all(os.fsdecode(name).startswith(os.path.realpath(second)) for name in named)
+        assert sorted(p.name for p in (second / "out.h5.parts").glob("data-*")) == ["data-000001.bin",
+                                                                                    "data-000003.bin"]
+        add_images(w, [7])
+        w.finalize()
+    assert sorted(p.name for p in second.iterdir()) == ["out.h5"]
+    with open_features(out) as reader:
+        expect_images(reader, range(8))
+
+
 def test_without_hard_links_the_bytes_are_copied_back_into_the_segments(tmp_path, monkeypatch):
     out = tmp_path / "out.h5"
     with writer(out) as w:

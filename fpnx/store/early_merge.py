@@ -21,12 +21,12 @@ from typing import Any
 
 import h5py
 
+from ..errors import StoreError
 from . import schema
 from .chunks import external_storage
 from .files import fsync_dir, publish, remove_file
-from .location import open_checked
 from .merge import MergedFile, write_merged
-from .parts import committed_segments, data_file_name, early_merge_path, tmp_path_for
+from .parts import committed_segments, data_file_name, early_merge_path, is_data_file_name, tmp_path_for
 from .schema import Layout
 from .tables import NewFile
 
@@ -109,42 +109,67 @@ def keep_data_of(early: Path, parts: Path, segments: list[tuple[int, Path]], lay
     """Before a run deletes the early merge ``early`` of a run that did not finalize, keep the bytes committed
     segments refer to: a hard link ``data-NNNNNN.bin`` in the parts folder, the segments rewritten to name it
     (no data copied), or, where the file system has no hard links, the bytes copied back into the segments.
-    At every step each segment names a file that holds its bytes, so a kill in between changes nothing."""
-    name = os.fsencode(os.path.realpath(early))
-    referring = [(number, segment) for number, segment in segments
-                 if name in _data_files(segment, settings, expected_in)]
-    if not referring:
-        return
-    kept = data_file_name(parts, referring[0][0])
-    try:
-        if not (kept.exists() and os.path.samefile(kept, early)):
-            os.link(early, kept)
-            fsync_dir(parts)
-    except OSError as error:
-        if error.errno not in _NO_HARD_LINKS:
-            raise
-        for number, segment in referring:
+    At every step each segment names a file that holds its bytes, so a kill in between changes nothing.
+
+    Segments of a folder that was moved (or renamed) name their data files where they were: they are rewritten
+    to name them where they are now, beside or in this parts folder."""
+    here = os.fsencode(os.path.realpath(early))
+    named = {number: _data_files(segment) for number, segment in segments}
+    moved = {number: {name: _where_now(name, here, parts) for name in names} for number, names in named.items()}
+    referring = [(number, segment) for number, segment in segments if here in moved[number].values()]
+    kept = data_file_name(parts, referring[0][0]) if referring and early.exists() else None
+    if kept is not None:
+        try:
+            if not (kept.exists() and os.path.samefile(kept, early)):
+                os.link(early, kept)
+                fsync_dir(parts)
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            kept = None  # copied back into the segments below
+    for number, segment in segments:
+        renames = {name: now for name, now in moved[number].items() if name != now}
+        if kept is not None:
+            renames.update({name: os.fsencode(os.path.realpath(kept)) for name, now in moved[number].items()
+                            if now == here})
+        missing = sorted(name for name in {renames.get(name, name) for name in named[number]}
+                         if not os.path.exists(name))
+        if missing:
+            raise StoreError(f"{segment} keeps its data in {os.fsdecode(missing[0])}, which is missing")
+        if renames:
+            _rename_data_files(segment, renames)
+        if kept is None and here in moved[number].values() and early.exists():
             whole = MergedFile(tmp_path_for(segment), layout, attrs, first_block=number)
             write_merged([segment], segment, layout, settings, attrs, expected_in=expected_in, started=whole)
-        return
-    for _, segment in referring:
-        _rename_data_file(segment, name, os.fsencode(os.path.realpath(kept)))
 
 
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def _data_files(segment: Path, settings: Mapping[str, Any], expected_in: str) -> set[bytes]:
-    store = open_checked(segment, settings, expected_in=expected_in)
-    try:
-        return {file for block in store.block_names() for level in store.layout.levels
-                for file, _, _ in external_storage(store.block_dataset(int(block), level))}
-    finally:
-        store.close()
+def _data_files(segment: Path) -> set[bytes]:
+    """The files ``segment``'s blocks keep their bytes in (names only: nothing is read from them)."""
+    with h5py.File(segment, "r") as h5:
+        blocks = h5.get(schema.BLOCKS)
+        if not isinstance(blocks, h5py.Group):
+            return set()
+        return {file for group in blocks.values() if isinstance(group, h5py.Group)
+                for dataset in group.values() if isinstance(dataset, h5py.Dataset)
+                for file, _, _ in external_storage(dataset)}
 
 
-def _rename_data_file(segment: Path, old: bytes, new: bytes) -> None:
-    """Rewrite ``segment`` (atomically) with its external storage naming ``new`` where it named ``old``."""
+def _where_now(name: bytes, early: bytes, parts: Path) -> bytes:
+    """Where a data file named ``name`` by a segment of ``parts`` is now: the early merge beside ``parts`` or a
+    data file in it, found by its own name; ``name`` as it is for anything else (which no reader trusts)."""
+    base = os.path.basename(name)
+    if base == os.path.basename(early):
+        return early
+    if is_data_file_name(os.fsdecode(base)):
+        return os.fsencode(os.path.realpath(parts / os.fsdecode(base)))
+    return name
+
+
+def _rename_data_files(segment: Path, renames: Mapping[bytes, bytes]) -> None:
+    """Rewrite ``segment`` (atomically) with its external storage naming ``renames[name]`` for each ``name``."""
     tmp = tmp_path_for(segment)
     with h5py.File(segment, "r") as source:
         target = NewFile(tmp, dict(source.attrs))
@@ -155,7 +180,7 @@ def _rename_data_file(segment: Path, old: bytes, new: bytes) -> None:
             for block, group in source[schema.BLOCKS].items():
                 copy = target.h5[schema.BLOCKS].create_group(block)
                 for level, dataset in group.items():
-                    pieces = [(new if file == old else file, at, size) for file, at, size in external_storage(dataset)]
+                    pieces = [(renames.get(file, file), at, size) for file, at, size in external_storage(dataset)]
                     if pieces:
                         copy.create_dataset(level, shape=dataset.shape, dtype=dataset.dtype, external=pieces)
                     else:

@@ -46,6 +46,10 @@ def data_file_name(parts: Path, number: int) -> Path:
     return parts / f"data-{number:06d}.bin"
 
 
+def is_data_file_name(name: str) -> bool:
+    return _DATA_FILE.match(name) is not None
+
+
 def refers_to_own_data_file(segment: Path, names: set[bytes]) -> bool:
     """True where ``names`` (the files a dataset of ``segment`` keeps its bytes in) are its run's early merge or
     data files of its own parts folder: the one case of HDF5 external storage fpnx reads."""
@@ -55,7 +59,7 @@ def refers_to_own_data_file(segment: Path, names: set[bytes]) -> bool:
     early = os.fsencode(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
     folder = os.fsencode(os.path.realpath(parts))
     return all(name == early or (os.path.dirname(name) == folder
-                                 and _DATA_FILE.match(os.fsdecode(os.path.basename(name))) is not None)
+                                 and is_data_file_name(os.fsdecode(os.path.basename(name))))
                for name in names)
 
 
