@@ -77,7 +77,8 @@ def _own_data_file(dataset: h5py.Dataset, path: Path) -> bool:
     names = {name for name, _, _ in external_storage(dataset)}
     missing = [name for name in names if not os.path.exists(name)]
     if missing:  # deleted, or the parts folder was moved away from it
-        raise StoreError(f"{path} keeps its data in {os.fsdecode(missing[0])}, which is missing")
+        raise StoreError(f"{path} keeps its data in {os.fsdecode(missing[0])}, which is missing (a folder moved "
+                         f"since: running the same extract command again finds its data where it is now)")
     return refers_to_own_data_file(path, names)
 
 
