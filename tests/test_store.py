@@ -654,6 +654,34 @@ def test_interrupted_add_drops_only_the_open_segment(tmp_path, monkeypatch):
         expect_images(reader, range(6))
 
 
+def test_a_dropped_segment_leaves_no_block_in_the_output(tmp_path, monkeypatch):
+    """A segment thrown away mid-run (an add cut short) had begun its block in the early merge: that block is
+    removed, so the output holds exactly the blocks its rows point at."""
+    out = tmp_path / "out.h5"
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    w.add(*_big_image(1))  # whole chunks of the dropped block reach the early merge
+    real_append = segment_module._LevelData.append
+
+    def interrupted(self, flat):
+        if self._level == "p3":
+            raise KeyboardInterrupt
+        return real_append(self, flat)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(segment_module._LevelData, "append", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            w.add(*image(4))
+    w.commit()  # drops the interrupted segment
+    add_images(w, range(5, 7))
+    w.finalize()
+    with h5py.File(out, "r") as f:
+        assert sorted(f["blocks"]) == sorted({f"{block:06d}" for block in f["images/segment"][:].tolist()})
+    with open_features(out) as reader:
+        expect_images(reader, [0, 1, 2, 5, 6])
+
+
 # -- merging -----------------------------------------------------------------------------------------------------
 
 

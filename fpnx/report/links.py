@@ -87,7 +87,8 @@ def find_links(path: str | os.PathLike[str]) -> list[LinkInfo]:
                         found.append(LinkInfo(where, "virtual dataset", ", ".join(targets)))
                     elif names := {name for name, _, _ in external_storage(obj)}:
                         if not refers_to_own_data_file(Path(path), names):  # a run's own: read, not a link
-                            found.append(LinkInfo(where, "external storage", ", ".join(sorted(map(os.fsdecode, names)))))
+                            targets = ", ".join(sorted(map(os.fsdecode, names)))
+                            found.append(LinkInfo(where, "external storage", targets))
             else:
                 found.append(LinkInfo(where, "user-defined link", type(link).__name__))
 

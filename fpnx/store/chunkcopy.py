@@ -83,14 +83,12 @@ def _read_and_write(source_fd: int, source_at: int, target_fd: int, target_at: i
         source_at, target_at, size = source_at + count, target_at + count, size - count
 
 
-def _copy_external(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], target: h5py.Group, name: str, target_fd: int) -> None:
+def _copy_external(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], target: h5py.Group, name: str,
+                   target_fd: int) -> None:
     """Copy a 1-D dataset held in external raw storage into ordinary chunks of about 1 MiB of ``target``."""
     length, item = int(source.shape[0]), source.dtype.itemsize
     chunk = max(1, min(BLOCK_CHUNK_BYTES // item, length))
-    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    copy = target.create_dataset(name, shape=source.shape, dtype=source.dtype, chunks=(chunk,), maxshape=(None,),
-                                 fill_time="never", dcpl=plist)
+    copy = _allocated(source, target, name, chunk, (None,))
     count = -(-length // chunk)
     addresses = chunk_addresses(copy.id, chunk, chunk * item, count)
     if addresses is None:
@@ -132,13 +130,17 @@ def _pieces(sources: list[tuple[bytes, int, int]], targets: list[tuple[int, int]
 
 
 def _allocated_like(source: h5py.Dataset, table: ChunkTable, target: h5py.Group, name: str) -> h5py.Dataset:
+    chunked = source.chunks is not None
+    return _allocated(source, target, name, table.chunk if chunked else None, source.maxshape if chunked else None)
+
+
+def _allocated(source: h5py.Dataset, target: h5py.Group, name: str, chunk: int | None,
+               maxshape: tuple | None) -> h5py.Dataset:
+    """A dataset of ``source``'s shape and dtype with every chunk allocated now and no fill ever written."""
     plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    chunked = source.chunks is not None
-    return target.create_dataset(
-        name, shape=source.shape, dtype=source.dtype, chunks=(table.chunk,) if chunked else None,
-        maxshape=source.maxshape if chunked else None, fill_time="never", dcpl=plist,
-    )
+    return target.create_dataset(name, shape=source.shape, dtype=source.dtype, chunks=(chunk,) if chunk else None,
+                                 maxshape=maxshape, fill_time="never", dcpl=plist)
 
 
 def _addresses(copy: h5py.Dataset, table: ChunkTable) -> np.ndarray | None:

@@ -118,11 +118,10 @@ class OpenSegment:
     @property
     def failure(self) -> tuple[Path, OSError] | None:
         """The file whose write failed first (this segment or its data file) and the error; None if none did."""
-        for path, failure in ((self.path, self._file.failure if self._file is not None else None),
-                              (self._data_file.path if self._data_file else None,
-                               self._data_file.failure if self._data_file else None)):
-            if failure is not None:
-                return path, failure
+        if self._file is not None and self._file.failure is not None:
+            return self.path, self._file.failure
+        if self._data_file is not None and self._data_file.failure is not None:
+            return self._data_file.path, self._data_file.failure
         return None
 
     def discard(self) -> None:

@@ -1,9 +1,10 @@
 """Write features crash-safely: committed segments in ``OUT.h5.parts/``, merged into ``OUT.h5`` by finalize.
 
 HDF5 rewrites metadata in place and reuses freed space, so a file killed mid-write can be unreadable. Hence
-nothing is ever written into a file that matters: each segment is written as ``.tmp``, closed, fsynced and
-renamed (then never touched again), and ``finalize`` builds ``OUT.h5.tmp`` and renames it over ``OUT.h5``.
-A killed run loses at most its open segment; rerunning the same command resumes (see docs/format.md).
+no HDF5 structure that matters is ever written in place: each segment is written as ``.tmp``, closed, fsynced
+and renamed (then never touched again), and ``finalize`` builds the output under a temporary name and renames
+it over ``OUT.h5``. A killed run loses at most its open segment; rerunning the same command resumes (see
+docs/format.md).
 
 A run that starts a new output begins finalize's merge while it goes on, in ``OUT.h5.merge.tmp``; uncompressed
 blocks are written there once, and committed segments refer to them (:mod:`fpnx.store.early_merge`). Only those
