@@ -197,6 +197,28 @@ def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(pixels)
 
 
+def _normalise_(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """``(batch - mean) / std`` per channel, in place on a ``(1, C, H, W)`` batch.
+
+    Over channels-last memory on the CPU, each row of ``W * C`` values takes ``mean`` and ``std`` repeated along
+    it: the same subtraction and division of each value (so the same result, bit for bit), but vectorised, where
+    a ``(C, 1, 1)`` broadcast runs ~7x slower (1.1 ms against 0.15 for a 640x480 image, measured).
+    """
+    _, channels, height, width = batch.shape
+    if batch.device.type == "cpu" and batch.is_contiguous(memory_format=torch.channels_last):
+        rows = batch.permute(0, 2, 3, 1).view(height, width * channels)
+        row_mean, row_std = _repeated_along_row(mean, std, width)
+        rows.sub_(row_mean).div_(row_std)
+        return
+    channel_mean, channel_std = _mean_and_std(mean, std, batch.device)
+    batch.sub_(channel_mean).div_(channel_std)
+
+
+@functools.lru_cache(maxsize=64)
+def _repeated_along_row(mean: tuple[float, ...], std: tuple[float, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(mean, dtype=torch.float32).repeat(width), torch.tensor(std, dtype=torch.float32).repeat(width)
+
+
 @functools.lru_cache(maxsize=16)
 def _mean_and_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(3, 1, 1)`` float32 tensors on ``device``, made once: a fresh small host-to-GPU copy per image would make
@@ -219,14 +241,16 @@ def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tupl
     layout = torch.channels_last if pixels.device.type == "cpu" else torch.contiguous_format
     with torch.no_grad():
         channels = pixels[None].permute(0, 3, 1, 2)  # (1, 3, H, W) over (H, W, 3) memory
-        if spec.pixel_order == "BGR":
-            channels = channels.flip(1)
-        batch = channels.to(torch.float32, memory_format=layout)
+        if spec.pixel_order == "BGR":  # channel by channel: a flip of channels-last memory runs ~2x slower
+            batch = torch.empty(channels.shape, dtype=torch.float32, device=channels.device, memory_format=layout)
+            for channel in range(3):
+                batch[:, channel].copy_(channels[:, 2 - channel])
+        else:
+            batch = channels.to(torch.float32, memory_format=layout)
         divisor = 255.0 / spec.value_range
         if divisor != 1.0:
             batch.div_(divisor)
-        mean, std = _mean_and_std(spec.mean, spec.std, batch.device)
-        batch.sub_(mean).div_(std)
+        _normalise_(batch, spec.mean, spec.std)
         if tuple(batch.shape[2:]) != tuple(input_size):
             batch = F.interpolate(batch, size=input_size, mode="bilinear", align_corners=False)
     return batch[0]

@@ -14,8 +14,10 @@ from torchvision.transforms.functional import to_tensor
 
 from fpnx.preprocess import (
     DETECTRON2,
+    PIXEL_ORDERS,
     TORCHVISION,
     Preprocessing,
+    finish_on_device,
     pad_image,
     padded_size,
     prepare_image,
@@ -93,6 +95,21 @@ def test_channels_last_work_gives_bitwise_the_channels_first_operations(height, 
         torch.set_num_threads(threads)
     assert expected.is_contiguous() and torch.equal(prepared.tensor, expected)
     assert prepared.tensor[None].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 37), (23, 1), (97, 131)])
+@pytest.mark.parametrize("pixel_order", PIXEL_ORDERS)
+def test_normalising_channels_last_rows_is_bitwise_the_per_channel_broadcast(height, width, pixel_order) -> None:
+    """The CPU normalises channels-last memory row by row (mean and std repeated along each row): the same
+    subtraction and division of every value as a (3, 1, 1) broadcast over the channels-first image."""
+    spec = no_resize(pixel_order=pixel_order, value_range=255.0, mean=(103.53, 116.28, 123.675), std=(57.4, 57.1, 58.4))
+    rgb = random_rgb(height, width, seed=height * 1000 + width)
+    normalised = finish_on_device(torch.from_numpy(rgb), spec, (height, width))
+    channels = torch.from_numpy(rgb).permute(2, 0, 1).float()
+    if pixel_order == "BGR":
+        channels = channels.flip(0)
+    mean, std = (torch.tensor(values)[:, None, None] for values in (spec.mean, spec.std))
+    assert torch.equal(normalised, (channels - mean) / std)
 
 
 def test_thin_strip_keeps_one_row_where_torchvision_fails() -> None:
