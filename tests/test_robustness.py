@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -536,6 +537,41 @@ def test_interrupted_library_call_raises_interrupted(tmp_path, model):
     assert caught.value.exit_code == 130
     assert len(stored_in(Path(f"{out}.parts"))) >= 2  # the open segment was committed on the way out
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("enough for today"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_progress_callback_that_raises_stops_the_run_and_keeps_the_work(tmp_path, model, raised):
+    """The callback runs in the writer thread: what it raises ends the run in the caller (the thread must go on
+    until stopped, or the producer waits forever on a full queue), and the next run resumes."""
+    images = folder(tmp_path)
+    names = photos(images, 12)
+    out = tmp_path / "out.h5"
+
+    def progress(state) -> None:
+        if state.done == 2:
+            raise raised
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            extract([images], out, model, progress=progress, commit_every_s=3600)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)  # a hang fails the test instead of stopping the suite
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "extract hung after its progress callback raised"
+    expected = Interrupted if isinstance(raised, KeyboardInterrupt) else RuntimeError
+    assert isinstance(outcome[0], expected), outcome
+    assert outcome[0] is raised or isinstance(outcome[0], Interrupted)
+    kept = stored_in(Path(f"{out}.parts"))
+    assert len(kept) >= 2 and not out.exists()
+    again = extract([images], out, model)
+    assert again.images_already_done == len(kept) and again.images_stored == len(names) - len(kept)
+    assert sorted(stored_in(out)) == names
 
 
 def test_ctrl_c_during_finalize_keeps_everything(tmp_path, model, monkeypatch):

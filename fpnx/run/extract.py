@@ -20,7 +20,9 @@ def extract(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **optio
     ``options`` are those of :class:`~fpnx.options.ExtractOptions` (the command's options, with underscores).
     Resumes when ``out`` (or its unfinished ``out.parts``) exists with the same settings; ``overwrite`` starts
     anew. Failed images are recorded with a reason and the run goes on, and are tried again by a later run.
-    ``progress=True`` shows a tqdm bar; a callable gets :class:`~fpnx.run.progress.Progress` updates instead.
+    ``progress=True`` shows a tqdm bar; a callable gets :class:`~fpnx.run.progress.Progress` updates instead
+    (from the thread that writes, after each image): an exception it raises stops the run and is raised here
+    after everything finished is kept, as a failed write would be (``KeyboardInterrupt`` as Ctrl-C).
     Ctrl-C and SIGTERM raise :class:`~fpnx.errors.Interrupted` after keeping everything finished.
 
     ``shard="I/N"`` extracts only shard I of N into ``OUT.shard-0000I-of-0000N.h5`` (join them with

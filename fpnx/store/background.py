@@ -1,8 +1,9 @@
 """A :class:`FeatureWriter` fed from a thread: the model runs on while finished images are written.
 
 The queue is short (a few images), so memory stays bounded and a slow disk slows the producer down
-(backpressure) rather than filling memory. An error in the thread stops it and is raised in the producer at its
-next call.
+(backpressure) rather than filling memory. An error in the thread (a failed write, or an error raised by
+``on_written``, such as a caller's progress callback) stops the writing and is raised in the producer at its next
+call; the thread itself runs until :meth:`BackgroundWriter.stop`.
 """
 
 from __future__ import annotations
@@ -66,22 +67,29 @@ class BackgroundWriter:
                 continue
 
     def _loop(self) -> None:
+        # Nothing may end this loop but the stop marker: a producer waiting on a full queue would wait forever.
         while (item := self._queue.get()) is not None:
-            if self._error is not None:  # skipped, but its buffers go back: the producer may be waiting for them
-                if isinstance(item[0], ImageRecord) and item[-1] is not None:
-                    item[-1]()
-                continue
-            start = time.perf_counter()
             try:
-                if isinstance(item[0], ImageRecord):
-                    self._write(*item)
-                else:
-                    self.writer.add_failure(*item)
-                    self.failures.append(item)
-            except BaseException as error:  # noqa: BLE001 - handed to the producer
-                self._error = error
+                self._handle(item)
+            except BaseException as error:  # noqa: BLE001 - handed to the producer (a caller's on_written too)
+                if self._error is None:
+                    self._error = error
+
+    def _handle(self, item: tuple) -> None:
+        if self._error is not None:  # skipped, but its buffers go back: the producer may be waiting for them
+            if isinstance(item[0], ImageRecord) and item[-1] is not None:
+                item[-1]()
+            return
+        start = time.perf_counter()
+        try:
+            if isinstance(item[0], ImageRecord):
+                self._write(*item)
+            else:
+                self.writer.add_failure(*item)
+                self.failures.append(item)
+        finally:
             self.seconds += time.perf_counter() - start
-            self._on_written()
+        self._on_written()
 
     def _write(self, record: ImageRecord, features: Mapping[str, np.ndarray], pooled, ready, done) -> None:
         try:
