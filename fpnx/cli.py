@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from . import render
 from .errors import FpnxError, Interrupted, UsageError
+from .loader import DEFAULT_TIMEOUT_S
 from .models.weights import DEFAULT_WEIGHTS
 from .sources import DEFAULT_MAX_PIXELS
 from .store.shards import as_shard
@@ -74,6 +75,7 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Start anew instead of resuming.")] = False,
     allow_truncated: Annotated[bool, typer.Option(help="Decode what is there of truncated files.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    decode_timeout: Annotated[float, typer.Option(help="Seconds an image may take to decode and resize in a worker before it is stopped and recorded as failed; 0: no limit.")] = DEFAULT_TIMEOUT_S,
     archives: Annotated[bool, typer.Option("--archives/--no-archives", help="Read the images inside .tar and .zip files found in folders (given ones are always read).")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     commit_every_s: Annotated[Optional[float], typer.Option(hidden=True, help="Advanced: seconds between commits of finished images (default 10); a crash loses at most this much work.")] = None,
@@ -94,7 +96,7 @@ def extract(
             batch_size=batch_size, device=device, precision=precision, workers=workers,
             min_size=min_size, max_size=max_size, pixel_order=pixel_order, dtype=dtype,
             compression=compression, overwrite=overwrite, allow_truncated=allow_truncated,
-            max_pixels=max_pixels, archives=archives, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
+            max_pixels=max_pixels, decode_timeout_s=decode_timeout, archives=archives, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
             shard=shard, commit_every_s=commit_every_s, pool=pool, maps=maps,
         )
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import UsageError
+from .loader import DEFAULT_TIMEOUT_S
 from .models import PRECISIONS
 from .models.weights import DEFAULT_WEIGHTS, Weights
 from .preprocess import PIXEL_ORDERS, Preprocessing
@@ -41,6 +42,8 @@ class ExtractOptions:
     in the output's metadata (default: this process's command line). ``commit_every_s`` (advanced; default:
     the writer's 10 s) bounds the work a crash can lose. ``archives=False`` leaves ``.tar``/``.zip`` files
     found in folders unopened (archives given directly or in a ``@list`` are still read).
+    ``decode_timeout_s``: an image whose worker takes longer is stopped and recorded as failed (0 or None: no
+    limit; with ``workers=0`` there is none).
     """
 
     weights: str | os.PathLike | Weights | None = DEFAULT_WEIGHTS
@@ -59,6 +62,7 @@ class ExtractOptions:
     overwrite: bool = False
     allow_truncated: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout_s: float | None = DEFAULT_TIMEOUT_S
     archives: bool = True
     commit_every_s: float | None = None
     channels_last: bool = True
@@ -88,6 +92,8 @@ class ExtractOptions:
             raise UsageError(f"--workers must be 0 or more, got {self.workers}")
         if self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.decode_timeout_s is not None and not self.decode_timeout_s >= 0:
+            raise UsageError(f"--decode-timeout must be 0 (no limit) or more, got {self.decode_timeout_s}")
         if self.pool is not None and self.pool not in POOLS:
             raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if not self.maps and self.pool is None:

@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -144,6 +145,14 @@ def load_or_exit(image: ImageSource, options: LoadOptions) -> LoadedImage:
     """load_image, except that a file named ``*crash*`` ends its process at once (a decoder calling abort())."""
     if "crash" in os.path.basename(image.path):
         os._exit(134)
+    return load_image(image, options)
+
+
+def load_or_hang(image: ImageSource, options: LoadOptions) -> LoadedImage:
+    """load_image, except that a file named ``*hang*`` never comes back (a decoder stuck in a loop)."""
+    if "hang" in os.path.basename(image.path):
+        while True:
+            time.sleep(1)
     return load_image(image, options)
 
 

@@ -203,6 +203,7 @@ def test_cli_extract_and_json(tmp_path):
         ([str(SAMPLES), "--min-size", "0"], "--min-size"),
         ([str(SAMPLES), "--dtype", "int8"], "--dtype"),
         ([str(SAMPLES), "--precision", "int4"], "--precision must be one of fp32, bf16, fp16"),
+        ([str(SAMPLES), "--decode-timeout", "-1"], "--decode-timeout must be 0 (no limit) or more"),
         ([str(SAMPLES), "--weights", "no_such_weights"], "unknown weights"),
     ],
 )

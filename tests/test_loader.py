@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +111,36 @@ def test_a_crash_inside_a_task_of_several_images_costs_one_image(tmp_path):
     for item in loaded:
         if item.ok:
             assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
+
+
+def test_a_decoder_that_never_returns_costs_one_image(tmp_path):
+    """A worker stuck in a decoder is stopped after ``timeout_s`` per image of its task; the images in flight are
+    tried again one at a time, so only the culprit fails, with a reason, and the run goes on in order."""
+    names = ["a.png", "b.png", "hang.png", "d.png", "e.png", "f.png", "g.png"]
+    sources = [ImageSource(str(hostile.photo(tmp_path / name, seed=k)), name) for k, name in enumerate(names)]
+    loader = ImageLoader(sources, LoadOptions(SPEC), workers=2, prefetch=6, slots=8, per_task=2,
+                         load=hostile.load_or_hang, timeout_s=1.5)
+    started, others = time.monotonic(), set(multiprocessing.active_children())
+    loaded = list(loader)
+    loader.close()
+    assert [item.origin.source for item in loaded] == names  # in order, each once
+    assert [item.ok for item in loaded] == [True, True, False, True, True, True, True]
+    assert loaded[2].error == "decoding took longer than 1.5 s (its worker was stopped)"
+    assert (loader.timeouts, loader.crashes) == (1, 0)
+    assert time.monotonic() - started < 60  # two pool restarts and 1.5 s waits, not a hang
+    assert set(multiprocessing.active_children()) <= others  # the stuck worker was killed, not left behind
+    for item in loaded:
+        if item.ok:
+            assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, None), (0, None), (7.5, 7.5)])
+def test_extract_gives_its_decode_timeout_to_the_loader(given, used):
+    from fpnx.options import ExtractOptions
+    from fpnx.run.pipeline import _loader
+
+    loader = _loader([], SPEC, ExtractOptions(decode_timeout_s=given, workers=1), torch.device("cpu"))
+    assert loader.timeout_s == used
 
 
 def test_workers_leave_without_the_interpreters_teardown(photos, tmp_path):

@@ -3,8 +3,8 @@ images of one padded size are grouped into batches."""
 
 from .batching import Batches, default_window
 from .load import LoadedImage, LoadOptions, load_image
-from .pool import ImageLoader, LoadFunction
+from .pool import DEFAULT_TIMEOUT_S, ImageLoader, LoadFunction
 from .slots import SharedSlots
 
-__all__ = ["Batches", "ImageLoader", "LoadFunction", "LoadOptions", "LoadedImage", "SharedSlots", "default_window",
+__all__ = ["DEFAULT_TIMEOUT_S", "Batches", "ImageLoader", "LoadFunction", "LoadOptions", "LoadedImage", "SharedSlots", "default_window",
            "load_image"]

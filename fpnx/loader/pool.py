@@ -1,7 +1,8 @@
 """Worker processes that decode and preprocess images in input order, with bounded prefetch.
 
 A decoder that raises costs its image a failure record; a decoder that crashes its process (a segfault, the
-OOM killer) is found by re-running the images that were in flight one at a time, and costs only that image.
+OOM killer) or hangs (no result within ``timeout_s`` per image) is found by re-running the images that were in
+flight one at a time, and costs only that image.
 Images come back through shared-memory slots (:mod:`fpnx.loader.slots`).
 """
 
@@ -20,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -82,6 +84,7 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
+DEFAULT_TIMEOUT_S = 120.0  # per image: minutes beyond the slowest legitimate decode+resize (~5 s at max_pixels)
 LoadFunction = Callable[[ImageSource, LoadOptions], LoadedImage]
 _Task = tuple[ImageSource, SlotRef | None]  # an image and the slot it comes back through
 
@@ -102,6 +105,8 @@ class ImageLoader:
     no longer needed (an image never released keeps its slot, and later images travel the ordinary way).
     A task carries ``per_task`` images: each task costs a fixed amount of pickling, messages and wake-ups (about
     0.5 ms of this process's time, measured), so tasks of a few images cost a fraction of it per image.
+    With workers, ``timeout_s`` (None: no limit) bounds the seconds an image may take: a worker that takes
+    longer is stopped and the image fails (without workers a hanging decoder cannot be interrupted).
     """
 
     def __init__(
@@ -114,14 +119,17 @@ class ImageLoader:
         load: LoadFunction = load_image,
         slots: int = 0,
         per_task: int = 1,
+        timeout_s: float | None = None,
     ):
         self.images = list(images)
+        self.timeout_s = timeout_s
         self.options = options
         self.load = load
         self.workers = workers
         self.prefetch = max(prefetch, workers)
         self.per_task = max(1, per_task)
         self.crashes = 0
+        self.timeouts = 0
         self._pool: ProcessPoolExecutor | None = None
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
@@ -144,13 +152,14 @@ class ImageLoader:
                 tasks, future = pending.popleft()
                 in_flight -= len(tasks)
                 try:
-                    items = future.result()
-                except BrokenProcessPool:
-                    # the crash hit every image in flight; find the culprit by running them one by one
+                    # the oldest task: running since the tasks before it came back (workers take them in order)
+                    items = future.result(timeout=self._limit(len(tasks)))
+                except (BrokenProcessPool, FutureTimeout):
+                    # a crash hit every image in flight, a hang holds one worker: find the culprit one by one
                     crashed = tasks + [task for queued, _ in pending for task in queued]
                     pending.clear()
                     in_flight = 0
-                    self._stop_pool()
+                    self._stop_pool(kill=True)
                     for image, slot in crashed:
                         self._release_slot(slot)
                         yield self._load_isolated(image)
@@ -209,29 +218,40 @@ class ImageLoader:
             return None
         return pool
 
+    def _limit(self, images: int) -> float | None:
+        return None if self.timeout_s is None or self._pool is None else self.timeout_s * images
+
     def _load_isolated(self, image: ImageSource) -> LoadedImage:
         [(_, slot)], future = self._submit([image])
         try:
-            return self._received(future.result()[0], slot)
+            return self._received(future.result(timeout=self._limit(1))[0], slot)
         except BrokenProcessPool:
             self.crashes += 1
-            self._stop_pool()
-            self._release_slot(slot)
-            return LoadedImage(image, error="the decoder crashed (its worker process died)")
+            error = "the decoder crashed (its worker process died)"
+        except FutureTimeout:
+            self.timeouts += 1
+            error = f"decoding took longer than {self.timeout_s:g} s (its worker was stopped)"
+        self._stop_pool(kill=True)
+        self._release_slot(slot)
+        return LoadedImage(image, error=error)
 
     def close(self) -> None:
         """Stop the workers, wait for them to be gone, and free the slots (arrays handed out stay valid)."""
         self._stop_pool()
         self._free_slots()
 
-    def _stop_pool(self, wait: bool = True) -> None:
-        """Shut the workers down; without ``wait`` they exit in the background until a later call waits.
+    def _stop_pool(self, wait: bool = True, kill: bool = False) -> None:
+        """Shut the workers down; without ``wait`` they exit in the background until a later call waits; with
+        ``kill`` they are killed first (one may be stuck in a decoder that never returns).
 
         A shutdown that does not wait drops the executor's own handles, so the worker processes are kept here
         (where the executor does not show them, it waits at once)."""
         if self._pool is not None:
             processes = getattr(self._pool, "_processes", None)
             leaving = list(processes.values()) if isinstance(processes, dict) else None
+            if kill:
+                for process in leaving or []:
+                    process.kill()
             self._pool.shutdown(wait=wait or leaving is None, cancel_futures=True)
             self._leaving.extend(leaving or [])
             self._pool = None

@@ -96,7 +96,8 @@ def _loader(todo, spec, options: ExtractOptions, device: torch.device) -> ImageL
     prefetch = max(2 * workers * TASK_IMAGES, options.batch_size * 2)  # two tasks per worker: none waits for work
     load = LoadOptions(spec, options.max_pixels, options.allow_truncated, finish_here=device.type != "cuda")
     slots = prefetch + default_window(options.batch_size) + 2 * options.batch_size
-    return ImageLoader(todo, load, workers=workers, prefetch=prefetch, slots=slots, per_task=TASK_IMAGES)
+    return ImageLoader(todo, load, workers=workers, prefetch=prefetch, slots=slots, per_task=TASK_IMAGES,
+                       timeout_s=options.decode_timeout_s or None)
 
 
 def default_workers(device: torch.device) -> int:
