@@ -732,6 +732,33 @@ def test_background_writer_gives_buffers_back_after_an_error():
     assert returned == [0, 1, 2]
 
 
+def test_background_writer_does_idle_work_between_images_and_stops_promptly():
+    """``idle`` runs only while nothing is queued, a piece per call; stop() ends it even while work is left."""
+    from fpnx.store.background import BackgroundWriter
+
+    written, pieces = [], []
+
+    class Recording:
+        def add(self, record, features, pooled=None):
+            written.append(record.source)
+
+    def idle() -> bool:
+        pieces.append(len(written))
+        time.sleep(0.01)
+        return True  # never done
+
+    background = BackgroundWriter(Recording(), on_written=lambda: None, idle=idle)
+    time.sleep(0.2)
+    for k in range(3):
+        background.add(image(k)[0], {})
+    time.sleep(0.2)
+    started = time.monotonic()
+    background.stop()
+    assert time.monotonic() - started < 5
+    assert written == [image(k)[0].source for k in range(3)]
+    assert pieces[0] == 0 and pieces[-1] == 3  # before the images came, and after they were written
+
+
 # -- finalize and merge copy uncompressed blocks by their bytes ---------------------------------------------------
 
 
@@ -878,6 +905,32 @@ def test_a_closed_run_keeps_its_early_merge_until_the_next_run_keeps_the_bytes(t
     with open_features(out) as reader:
         assert len(reader) == 5
         np.testing.assert_array_equal(reader["big/1.jpg"]["p2"], _big_image(1)[1]["p2"])
+
+
+def test_a_resumed_run_writes_at_once_and_copies_earlier_work_while_idle(tmp_path, monkeypatch):
+    """The earlier run's blocks are numbered first but copied later: the first new block is opened before any
+    byte of them is copied, the writer's spare time copies them a level at a time, and finalize the rest."""
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        add_images(w, range(3))
+        w.commit()
+        add_images(w, range(3, 5))
+    events: list[str] = []
+    real_copy, real_open = merge_module._copy_level, merge_module.MergedFile.open_block
+    monkeypatch.setattr(merge_module, "_copy_level", lambda *a: events.append("copy") or real_copy(*a))
+    monkeypatch.setattr(merge_module.MergedFile, "open_block", lambda self: events.append("open") or real_open(self))
+    with writer(out) as w:
+        assert not w.copy_earlier_work()  # nothing to copy before the first new block
+        add_images(w, [5])
+        assert events == ["open"]
+        assert w.copy_earlier_work(budget_bytes=1)  # one level of one earlier block, more left
+        assert events == ["open", "copy"]
+        add_images(w, [6])
+        w.commit()
+        w.finalize()  # copies the rest
+    assert events.count("copy") == 2 * len(LEVELS)  # the earlier run's two blocks, each level once
+    with open_features(out) as reader:
+        expect_images(reader, range(7))
 
 
 def test_a_moved_unfinished_run_resumes_where_it_is_now(tmp_path):

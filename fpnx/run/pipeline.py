@@ -140,7 +140,7 @@ class ExtractRun:
         self._gpu_spans: list[tuple] = []
         self._launched: collections.deque[_Launched] = collections.deque()
         self._report = progress_reporter(options.progress, total)
-        self._output = BackgroundWriter(writer, self._written)
+        self._output = BackgroundWriter(writer, self._written, idle=writer.copy_earlier_work)
         self.stage = self._stage(loader)
         self._compute_threads = torch.get_num_threads()
         self._may_overflow: set[str] | None = None

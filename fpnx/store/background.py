@@ -25,8 +25,10 @@ WRITE_QUEUE = 4  # images waiting for the writer thread
 class BackgroundWriter:
     """Adds images and failures to ``writer`` in a thread; ``on_written`` is called there after each one."""
 
-    def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = WRITE_QUEUE) -> None:
+    def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = WRITE_QUEUE,
+                 idle: Callable[[], bool] | None = None) -> None:
         self.writer = writer
+        self._idle = idle  # work for the thread while nothing is queued, a piece per call; False: nothing left
         self.stored = 0
         self.failures: list[tuple[str, str]] = []
         self.input_sizes: collections.Counter[tuple[int, int]] = collections.Counter()  # images per input size
@@ -68,12 +70,26 @@ class BackgroundWriter:
 
     def _loop(self) -> None:
         # Nothing may end this loop but the stop marker: a producer waiting on a full queue would wait forever.
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             try:
                 self._handle(item)
             except BaseException as error:  # noqa: BLE001 - handed to the producer (a caller's on_written too)
                 if self._error is None:
                     self._error = error
+
+    def _next(self) -> tuple | None:
+        """The next item; until one is queued, ``idle`` work, a piece at a time (none after an error)."""
+        idle = self._idle is not None
+        while idle and self._error is None:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                idle = self._idle()
+            except BaseException as error:  # noqa: BLE001 - handed to the producer
+                self._error = error
+        return self._queue.get()
 
     def _handle(self, item: tuple) -> None:
         if self._error is not None:  # skipped, but its buffers go back: the producer may be waiting for them

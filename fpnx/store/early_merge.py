@@ -3,6 +3,7 @@
 With uncompressed maps, each segment's block is written straight into it and the committed segment refers to
 those bytes (HDF5 external storage): every byte reaches the disk once, and finalize adds only the tables.
 Otherwise each committed segment is copied in as it is committed, so that finalize has only the last one left.
+A resumed run's earlier segments are added first, their bytes copied when the writer is idle or at finalize.
 Merging early is only an optimisation: at its first failure it is given up and finalize merges the parts (a
 failed write of a segment's block into it fails that segment, as any failed write does).
 
@@ -73,6 +74,17 @@ class EarlyMerge:
             if not isinstance(error, Exception):
                 raise
 
+    def copy_earlier_work(self, budget_bytes: int) -> bool:
+        """Copy about ``budget_bytes`` more of the blocks of segments committed before this run (see
+        :meth:`_add_committed`); True while some are left."""
+        if self._file is None or not self._enabled:
+            return False
+        try:
+            return self._file.copy_later_blocks(budget_bytes)
+        except Exception:  # noqa: BLE001 - only an optimisation (see the module)
+            self.give_up()
+            return False
+
     def take(self) -> MergedFile | None:
         """Hand the file to finalize (which finishes or abandons it)."""
         file, self._file = self._file, None
@@ -95,12 +107,16 @@ class EarlyMerge:
             remove_file(self.path)
 
     def _add_committed(self, in_place: Mapping[Path, int]) -> MergedFile:
+        """The file, with every committed segment added. Where blocks are written in place, the segments of an
+        earlier run (resumed here) are added at once but their bytes copied later, while the writer has nothing
+        else to do (:meth:`copy_earlier_work`) or at finalize: a resumed run starts writing at once."""
         if self._file is None:
             self._file = MergedFile(self.path, self._layout, self._attrs)
         merged = set(self._file.added)
         for _, path in committed_segments(self._parts):
             if path not in merged:
-                self._file.add(path, self._settings, expected_in=self._expected_in, in_place=in_place.get(path))
+                self._file.add(path, self._settings, expected_in=self._expected_in, in_place=in_place.get(path),
+                               copy_later=self._writes_blocks)
         return self._file
 
 

@@ -23,7 +23,7 @@ from .chunkcopy import copy_dataset_bytes
 from .files import describe_os_error, publish, remove_file
 from .lock import OutputLock
 from .parts import tmp_path_for
-from .location import StoreLocation, load_file, locate_store
+from .location import StoreLocation, load_file, locate_store, open_checked
 from .schema import Layout
 from .settings import check_settings
 from .storefile import Index, StoreFile, combine_failures
@@ -155,10 +155,14 @@ class MergedFile:
         self._stored_in: dict[str, Path] = {}
         self._indexes: list[Index] = []
         self._segments: list[np.ndarray] = []
+        self._later: list[tuple[Path, int, int]] = []  # (file, its block, block here) of blocks not copied yet
 
-    def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str, in_place: int | None = None) -> None:
+    def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str, in_place: int | None = None,
+            copy_later: bool = False) -> None:
         """Add the file at ``path``: its block copied in, or, with ``in_place``, already written here as that
-        block by :meth:`open_block` (a segment that holds one block)."""
+        block by :meth:`open_block` (a segment that holds one block). With ``copy_later`` its rows are added now
+        and its blocks numbered, but their bytes are copied by :meth:`copy_later_blocks` (at the latest by
+        :meth:`finish`): the file must stay as it is until then."""
         target = self._open_target()
         store, index = load_file(path, settings, expected_in=expected_in)
         try:
@@ -169,7 +173,11 @@ class MergedFile:
                     number = in_place
                 else:
                     number = self._next_block()
-                    _copy_block(store, old, self._blocks.create_group(schema.block_name(number)), target.descriptor)
+                    group = self._blocks.create_group(schema.block_name(number))
+                    if copy_later:
+                        self._later.append((path, old, number))
+                    else:
+                        _copy_block(store, old, group, target.descriptor)
                 renumbering[old] = number
             self._segments.append(_renumber(store, index, renumbering))
             self._indexes.append(index)
@@ -179,6 +187,26 @@ class MergedFile:
             store.close()
         target.check()  # stop at the first failed write (disk full), not after copying everything
         self.added.append(path)
+
+    def copy_later_blocks(self, budget_bytes: int | None = None) -> bool:
+        """Copy the bytes of blocks added with ``copy_later``, a level at a time, until ``budget_bytes`` are
+        copied (None: all of them); True while some are left."""
+        target = self._open_target()
+        copied = 0
+        while self._later and (budget_bytes is None or copied < budget_bytes):
+            path, old, number = self._later[0]
+            group = self._blocks[schema.block_name(number)]
+            store = open_checked(path)  # its settings were checked when it was added
+            try:
+                for level in store.layout.levels:
+                    if level not in group and (budget_bytes is None or copied < budget_bytes):
+                        copied += _copy_level(store, old, level, group, target.descriptor)
+                if all(level in group for level in store.layout.levels):
+                    self._later.pop(0)
+            finally:
+                store.close()
+            target.check()
+        return bool(self._later)
 
     def open_block(self) -> tuple[int, h5py.Group]:
         """A new, empty block for a writer to fill: its number and group."""
@@ -210,6 +238,7 @@ class MergedFile:
 
     def finish(self) -> None:
         """Write the ``/images`` and ``/failures`` tables and close the file (to be published by the caller)."""
+        self.copy_later_blocks()
         target = self._open_target()
         merged = _concatenate(self._indexes, self._segments, self.layout)
         write_tables(target.h5, self.layout, merged.sources, merged.columns, merged.failures)
@@ -264,12 +293,17 @@ def _block_numbers(store: StoreFile) -> list[int]:
 
 
 def _copy_block(store: StoreFile, block: int, target: h5py.Group, target_fd: int) -> None:
-    """Copy one block's level datasets, each checked first to be plain data: uncompressed ones byte for byte in
-    the kernel (:mod:`fpnx.store.chunkcopy`), others with H5Ocopy (chunks as stored)."""
     for level in store.layout.levels:
-        dataset = store.block_dataset(block, level)
-        if not copy_dataset_bytes(dataset, store.path, target, level, target_fd):
-            store.h5.copy(dataset, target, name=level)
+        _copy_level(store, block, level, target, target_fd)
+
+
+def _copy_level(store: StoreFile, block: int, level: str, target: h5py.Group, target_fd: int) -> int:
+    """Copy one level dataset of a block, checked first to be plain data: uncompressed byte for byte in the
+    kernel (:mod:`fpnx.store.chunkcopy`), otherwise with H5Ocopy (chunks as stored). Returns its size in bytes."""
+    dataset = store.block_dataset(block, level)
+    if not copy_dataset_bytes(dataset, store.path, target, level, target_fd):
+        store.h5.copy(dataset, target, name=level)
+    return dataset.size * dataset.dtype.itemsize
 
 
 def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:
