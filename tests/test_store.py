@@ -933,6 +933,32 @@ def test_a_resumed_run_writes_at_once_and_copies_earlier_work_while_idle(tmp_pat
         expect_images(reader, range(7))
 
 
+def _resume_copy_part_then_hang(out: Path, ready) -> None:
+    w = writer(out)
+    add_images(w, [5])
+    w.commit()  # refers to this run's early merge, which now also holds part of the earlier run's blocks
+    assert w.copy_earlier_work(budget_bytes=1)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_kill_while_earlier_work_is_copied_loses_nothing(tmp_path):
+    out = tmp_path / "out.h5"
+    with writer(out) as w:
+        add_images(w, range(3))
+        w.commit()
+        add_images(w, range(3, 5))
+    _kill_child(_resume_copy_part_then_hang, out)
+    with writer(out) as w:
+        assert sorted(p.name for p in (tmp_path / "out.h5.parts").glob("data-*")) == ["data-000001.bin",
+                                                                                      "data-000003.bin"]
+        add_images(w, [6])
+        w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    with open_features(out) as reader:
+        expect_images(reader, [0, 1, 2, 3, 4, 5, 6])
+
+
 def test_a_moved_unfinished_run_resumes_where_it_is_now(tmp_path):
     """Segments name their data files by absolute path; a folder moved between two runs is found again."""
     first, second = tmp_path / "first", tmp_path / "second"
