@@ -909,26 +909,32 @@ def test_a_closed_run_keeps_its_early_merge_until_the_next_run_keeps_the_bytes(t
 
 def test_a_resumed_run_writes_at_once_and_copies_earlier_work_while_idle(tmp_path, monkeypatch):
     """The earlier run's blocks are numbered first but copied later: the first new block is opened before any
-    byte of them is copied, the writer's spare time copies them a level at a time, and finalize the rest."""
+    byte of them is copied; the writer's spare time copies them a piece of any size at a time, finalize the
+    rest."""
     out = tmp_path / "out.h5"
     with writer(out) as w:
         add_images(w, range(3))
         w.commit()
         add_images(w, range(3, 5))
     events: list[str] = []
-    real_copy, real_open = merge_module._copy_level, merge_module.MergedFile.open_block
-    monkeypatch.setattr(merge_module, "_copy_level", lambda *a: events.append("copy") or real_copy(*a))
+    real_plan, real_copy = merge_module.plan_byte_copy, merge_module.copy_runs
+    real_open = merge_module.MergedFile.open_block
+    monkeypatch.setattr(merge_module, "plan_byte_copy", lambda *a: events.append("plan") or real_plan(*a))
+    monkeypatch.setattr(merge_module, "copy_runs", lambda *a, **k: events.append("copy") or real_copy(*a, **k))
     monkeypatch.setattr(merge_module.MergedFile, "open_block", lambda self: events.append("open") or real_open(self))
     with writer(out) as w:
         assert not w.copy_earlier_work()  # nothing to copy before the first new block
         add_images(w, [5])
         assert events == ["open"]
-        assert w.copy_earlier_work(budget_bytes=1)  # one level of one earlier block, more left
-        assert events == ["open", "copy"]
+        assert w.copy_earlier_work(budget_bytes=1)  # one level planned, one byte of it copied
+        assert events == ["open", "plan", "copy"]
+        pieces = 0
+        while w.copy_earlier_work(budget_bytes=256):  # runs split anywhere, levels planned as they come
+            pieces += 1
+        earlier = sum(array.nbytes for k in range(5) for array in image(k)[1].values())
+        assert pieces >= earlier // 256 - 1 and events.count("plan") == 2 * len(LEVELS)
         add_images(w, [6])
-        w.commit()
-        w.finalize()  # copies the rest
-    assert events.count("copy") == 2 * len(LEVELS)  # the earlier run's two blocks, each level once
+        w.finalize()
     with open_features(out) as reader:
         expect_images(reader, range(7))
 

@@ -29,30 +29,73 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 _BUFFER_BYTES = 16 << 20
 
 
+ByteRun = tuple[bytes, int, int, int]  # (source file, its offset, offset in the target file, bytes)
+
+
 def copy_dataset_bytes(source: h5py.Dataset, source_path: Path, target: h5py.Group, name: str, target_fd: int) -> bool:
     """Copy ``source`` to ``target[name]``, same layout and chunking; False (nothing created) where it cannot.
 
     ``target_fd`` is a descriptor of ``target``'s file, written beside HDF5: only inside the new dataset's own
     chunks, which HDF5 never writes itself (no fill).
     """
+    runs = plan_byte_copy(source, source_path, target, name)
+    if runs is None:
+        return False
+    copy_runs(runs, target_fd, open_files={_file_name(source_path): source.file.id.get_vfd_handle()})
+    return True
+
+
+def plan_byte_copy(source: h5py.Dataset, source_path: Path, target: h5py.Group, name: str) -> list[ByteRun] | None:
+    """Create ``target[name]`` like ``source`` (every chunk allocated, nothing written) and return the runs of
+    bytes that fill it (:func:`copy_runs`); None (nothing created) where only HDF5 can copy it."""
     pieces = external_storage(source)
     if pieces:
-        _copy_external(source, pieces, target, name, target_fd)
-        return True
+        return _external_runs(source, pieces, target, name)
     source_fd = source.file.id.get_vfd_handle()
     if not isinstance(source_fd, int):
-        return False
+        return None
     table = chunk_table(source, os.fstat(source_fd).st_size, source_path)
     if table is None:
-        return False
+        return None
     copy = _allocated_like(source, table, target, name)
     destination = _addresses(copy, table)
     if destination is None:  # HDF5 did not allocate as asked: drop the copy, let HDF5 copy instead
         del target[name]
-        return False
-    for source_at, target_at, size in _runs(table, destination):
-        copy_file_bytes(source_fd, source_at, target_fd, target_at, size)
-    return True
+        return None
+    file = _file_name(source_path)
+    return [(file, source_at, target_at, size) for source_at, target_at, size in _runs(table, destination)]
+
+
+def copy_runs(runs: list[ByteRun], target_fd: int, budget_bytes: int | None = None, *,
+              open_files: dict[bytes, int] | None = None) -> tuple[list[ByteRun], int]:
+    """Copy ``runs`` into the file ``target_fd``, or their first ``budget_bytes``: the runs left and the bytes
+    copied. ``open_files``: descriptors to read some of the files through (the file HDF5 has open)."""
+    opened: dict[bytes, int] = {}
+    copied, index = 0, 0
+    try:
+        while index < len(runs) and (budget_bytes is None or copied < budget_bytes):
+            file, source_at, target_at, size = runs[index]
+            step = size if budget_bytes is None else min(size, budget_bytes - copied)
+            descriptor = (open_files or {}).get(file)
+            if descriptor is None:
+                if file not in opened:
+                    opened[file] = os.open(file, os.O_RDONLY)
+                descriptor = opened[file]
+            copy_file_bytes(descriptor, source_at, target_fd, target_at, step)
+            copied += step
+            if step == size:
+                index += 1
+            else:
+                runs = [(file, source_at + step, target_at + step, size - step), *runs[index + 1:]]
+                index = 0
+    finally:
+        for descriptor in opened.values():
+            os.close(descriptor)
+    return runs[index:], copied
+
+
+def _file_name(path: Path) -> bytes:
+    return os.fsencode(os.path.realpath(path))
 
 
 def copy_file_bytes(source_fd: int, source_at: int, target_fd: int, target_at: int, size: int) -> None:
@@ -83,9 +126,9 @@ def _read_and_write(source_fd: int, source_at: int, target_fd: int, target_at: i
         source_at, target_at, size = source_at + count, target_at + count, size - count
 
 
-def _copy_external(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], target: h5py.Group, name: str,
-                   target_fd: int) -> None:
-    """Copy a 1-D dataset held in external raw storage into ordinary chunks of about 1 MiB of ``target``."""
+def _external_runs(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], target: h5py.Group,
+                   name: str) -> list[ByteRun]:
+    """For a 1-D dataset held in external raw storage: a copy in ordinary chunks of about 1 MiB of ``target``."""
     length, item = int(source.shape[0]), source.dtype.itemsize
     chunk = max(1, min(BLOCK_CHUNK_BYTES // item, length))
     copy = _allocated(source, target, name, chunk, (None,))
@@ -94,15 +137,7 @@ def _copy_external(source: h5py.Dataset, pieces: list[tuple[bytes, int, int]], t
     if addresses is None:
         raise OSError(errno.EIO, f"HDF5 did not allocate {copy.name} as asked")
     wanted = [(address, min(chunk, length - j * chunk) * item) for j, address in enumerate(addresses.tolist())]
-    opened: dict[bytes, int] = {}
-    try:
-        for (file, source_at, target_at, size) in _pieces(pieces, wanted):
-            if file not in opened:
-                opened[file] = os.open(file, os.O_RDONLY)
-            copy_file_bytes(opened[file], source_at, target_fd, target_at, size)
-    finally:
-        for descriptor in opened.values():
-            os.close(descriptor)
+    return _pieces(pieces, wanted)
 
 
 def _pieces(sources: list[tuple[bytes, int, int]], targets: list[tuple[int, int]]) -> list[tuple[bytes, int, int, int]]:

@@ -8,6 +8,7 @@ the files. :func:`merge_into` is the one merge:
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from . import schema
-from .chunkcopy import copy_dataset_bytes
+from .chunkcopy import ByteRun, copy_dataset_bytes, copy_runs, plan_byte_copy
 from .files import describe_os_error, publish, remove_file
 from .lock import OutputLock
 from .parts import tmp_path_for
@@ -155,7 +156,9 @@ class MergedFile:
         self._stored_in: dict[str, Path] = {}
         self._indexes: list[Index] = []
         self._segments: list[np.ndarray] = []
-        self._later: list[tuple[Path, int, int]] = []  # (file, its block, block here) of blocks not copied yet
+        self._later: collections.deque[tuple[Path, int, int, str]] = collections.deque()  # levels to copy:
+        # (file, its block, block here, level); and the byte runs left of the one being copied
+        self._copying: list[ByteRun] = []
 
     def add(self, path: Path, settings: Mapping[str, Any], *, expected_in: str, in_place: int | None = None,
             copy_later: bool = False) -> None:
@@ -175,7 +178,7 @@ class MergedFile:
                     number = self._next_block()
                     group = self._blocks.create_group(schema.block_name(number))
                     if copy_later:
-                        self._later.append((path, old, number))
+                        self._later.extend((path, old, number, level) for level in store.layout.levels)
                     else:
                         _copy_block(store, old, group, target.descriptor)
                 renumbering[old] = number
@@ -189,24 +192,32 @@ class MergedFile:
         self.added.append(path)
 
     def copy_later_blocks(self, budget_bytes: int | None = None) -> bool:
-        """Copy the bytes of blocks added with ``copy_later``, a level at a time, until ``budget_bytes`` are
-        copied (None: all of them); True while some are left."""
+        """Copy the bytes of blocks added with ``copy_later`` until about ``budget_bytes`` are copied (None: all of
+        them); True while some are left. A level is planned (its dataset allocated) when its turn comes, then
+        copied over as many calls as it takes."""
         target = self._open_target()
         copied = 0
-        while self._later and (budget_bytes is None or copied < budget_bytes):
-            path, old, number = self._later[0]
-            group = self._blocks[schema.block_name(number)]
-            store = open_checked(path)  # its settings were checked when it was added
-            try:
-                for level in store.layout.levels:
-                    if level not in group and (budget_bytes is None or copied < budget_bytes):
-                        copied += _copy_level(store, old, level, group, target.descriptor)
-                if all(level in group for level in store.layout.levels):
-                    self._later.pop(0)
-            finally:
-                store.close()
+        while (self._copying or self._later) and (budget_bytes is None or copied < budget_bytes):
+            if not self._copying:
+                self._copying = self._plan_copy(*self._later.popleft())
+            self._copying, done = copy_runs(self._copying, target.descriptor,
+                                            None if budget_bytes is None else budget_bytes - copied)
+            copied += done
             target.check()
-        return bool(self._later)
+        return bool(self._copying or self._later)
+
+    def _plan_copy(self, path: Path, old: int, number: int, level: str) -> list[ByteRun]:
+        """The byte runs that copy one level of a block added with ``copy_later``; [] where HDF5 copied it."""
+        store = open_checked(path)  # its settings were checked when it was added
+        try:
+            dataset = store.block_dataset(old, level)
+            group = self._blocks[schema.block_name(number)]
+            runs = plan_byte_copy(dataset, store.path, group, level)
+            if runs is None:
+                store.h5.copy(dataset, group, name=level)
+            return runs or []
+        finally:
+            store.close()
 
     def open_block(self) -> tuple[int, h5py.Group]:
         """A new, empty block for a writer to fill: its number and group."""
@@ -293,17 +304,12 @@ def _block_numbers(store: StoreFile) -> list[int]:
 
 
 def _copy_block(store: StoreFile, block: int, target: h5py.Group, target_fd: int) -> None:
+    """Copy one block's level datasets, each checked first to be plain data: uncompressed ones byte for byte in
+    the kernel (:mod:`fpnx.store.chunkcopy`), others with H5Ocopy (chunks as stored)."""
     for level in store.layout.levels:
-        _copy_level(store, block, level, target, target_fd)
-
-
-def _copy_level(store: StoreFile, block: int, level: str, target: h5py.Group, target_fd: int) -> int:
-    """Copy one level dataset of a block, checked first to be plain data: uncompressed byte for byte in the
-    kernel (:mod:`fpnx.store.chunkcopy`), otherwise with H5Ocopy (chunks as stored). Returns its size in bytes."""
-    dataset = store.block_dataset(block, level)
-    if not copy_dataset_bytes(dataset, store.path, target, level, target_fd):
-        store.h5.copy(dataset, target, name=level)
-    return dataset.size * dataset.dtype.itemsize
+        dataset = store.block_dataset(block, level)
+        if not copy_dataset_bytes(dataset, store.path, target, level, target_fd):
+            store.h5.copy(dataset, target, name=level)
 
 
 def _renumber(store: StoreFile, index: Index, renumbering: Mapping[int, int]) -> np.ndarray:
