@@ -128,6 +128,9 @@ def test_a_decoder_that_never_returns_costs_one_image(tmp_path):
     assert loaded[2].error == "decoding took longer than 1.5 s (its worker was stopped)"
     assert (loader.timeouts, loader.crashes) == (1, 0)
     assert time.monotonic() - started < 60  # two pool restarts and 1.5 s waits, not a hang
+    deadline = time.monotonic() + 10  # workers told to stop leave within moments; a stuck one never would
+    while not set(multiprocessing.active_children()) <= others and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert set(multiprocessing.active_children()) <= others  # the stuck worker was killed, not left behind
     for item in loaded:
         if item.ok:
