@@ -96,7 +96,8 @@ def extract(
             batch_size=batch_size, device=device, precision=precision, workers=workers,
             min_size=min_size, max_size=max_size, pixel_order=pixel_order, dtype=dtype,
             compression=compression, overwrite=overwrite, allow_truncated=allow_truncated,
-            max_pixels=max_pixels, decode_timeout_s=decode_timeout, archives=archives, progress=update, command=shlex.join(["fpnx", *sys.argv[1:]]),
+            max_pixels=max_pixels, decode_timeout_s=decode_timeout, archives=archives, progress=update,
+            command=shlex.join(["fpnx", *sys.argv[1:]]),
             shard=shard, commit_every_s=commit_every_s, pool=pool, maps=maps,
         )
     finally:

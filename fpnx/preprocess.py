@@ -215,7 +215,8 @@ def _normalise_(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 
 @functools.lru_cache(maxsize=64)
-def _repeated_along_row(mean: tuple[float, ...], std: tuple[float, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _repeated_along_row(mean: tuple[float, ...], std: tuple[float, ...],
+                        width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean, dtype=torch.float32).repeat(width), torch.tensor(std, dtype=torch.float32).repeat(width)
 
 

@@ -6,5 +6,5 @@ from .load import LoadedImage, LoadOptions, load_image
 from .pool import DEFAULT_TIMEOUT_S, ImageLoader, LoadFunction
 from .slots import SharedSlots
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Batches", "ImageLoader", "LoadFunction", "LoadOptions", "LoadedImage", "SharedSlots", "default_window",
-           "load_image"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Batches", "ImageLoader", "LoadFunction", "LoadOptions", "LoadedImage", "SharedSlots",
+           "default_window", "load_image"]

@@ -171,7 +171,7 @@ class FeatureWriter:
     def copy_earlier_work(self, budget_bytes: int = 64 << 20) -> bool:
         """A resumed run: copy about ``budget_bytes`` more of the earlier run's work into finalize's file (the
         rest is copied at finalize). For a caller with time to spare; True while some is left."""
-        return self._early is not None and not self._closed and self._early.copy_earlier_work(budget_bytes)
+        return self._early is not None and self._early.copy_earlier_work(budget_bytes)
 
     # -- ending ---------------------------------------------------------------------------------------------
 
