@@ -136,9 +136,9 @@ def list_weights_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List the known weights and the preprocessing each one carries."""
-    from .models.weights import list_weights, random_weights
+    from .models.weights import list_weights
 
-    entries = [*list_weights(), random_weights()]
+    entries = list_weights()
     if as_json:
         _print_json([entry.to_dict() for entry in entries])
     else:

@@ -77,6 +77,10 @@ class ExtractOptions:
         unknown = [name for name in self.levels or () if name not in LEVELS]
         if unknown:
             raise UsageError(f"unknown level {unknown[0]!r}; choose from {', '.join(LEVELS)}")
+        if self.levels is not None and not list(self.levels):
+            raise UsageError(f"--levels names no level; choose from {', '.join(LEVELS)}")
+        if self.bn_eps is not None and not self.bn_eps >= 0:  # NaN too
+            raise UsageError(f"--bn-eps must be 0 or more, got {self.bn_eps}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.min_size < 1 or self.max_size < 1:

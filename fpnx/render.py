@@ -61,10 +61,12 @@ def print_table(out: Console, title: str, columns: Sequence[str], rows: Sequence
         out.print(table)
         return
     out.print(f"[italic]{title}[/italic]", highlight=False)
+    labelled = left > 0  # the first column names the row; else every cell is shown with its column's name
     for row in rows:
-        out.print(f"  [bold]{row[0]}[/bold]", highlight=False)
-        details = "; ".join(f"{escape(column)}: {cell}" for column, cell in zip(columns[1:], row[1:]))
-        out.print(Padding(details, (0, 0, 0, 6)), highlight=False)  # indented, wrapped within the console
+        if labelled:
+            out.print(f"  [bold]{row[0]}[/bold]", highlight=False)
+        details = "; ".join(f"{escape(column)}: {cell}" for column, cell in list(zip(columns, row))[labelled:])
+        out.print(Padding(details, (0, 0, 0, 6 if labelled else 2)), highlight=False)  # wrapped within the console
 
 
 # -- extract ---------------------------------------------------------------------------------------------------

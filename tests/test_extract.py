@@ -189,6 +189,8 @@ def test_cli_extract_and_json(tmp_path):
     assert summary["images_stored"] == 1 and summary["out"] == str(out)
     assert [level["name"] for level in summary["levels"]] == ["p2", "p3", "p4", "p5", "p6"]
     assert set(summary["timings"]) >= {"decode", "preprocess", "model", "write", "total"}
+    assert (summary["preprocessing"]["min_size"], summary["preprocessing"]["max_size"]) == (96, 160)  # this run's
+    assert summary["weights"]["preprocessing"]["min_size"] == 800  # what the weights carry
     result = runner.invoke(app, ["extract", str(SAMPLES / "rocket.jpg"), "--out", str(out), "--weights", "random",
                                  "--min-size", "96", "--max-size", "160", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -205,6 +207,8 @@ def test_cli_extract_and_json(tmp_path):
         ([str(SAMPLES), "--precision", "int4"], "--precision must be one of fp32, bf16, fp16"),
         ([str(SAMPLES), "--decode-timeout", "-1"], "--decode-timeout must be 0 (no limit) or more"),
         ([str(SAMPLES), "--weights", "no_such_weights"], "unknown weights"),
+        ([str(SAMPLES), "--levels", ""], "--levels names no level"),
+        ([str(SAMPLES), "--bn-eps", "-1"], "--bn-eps must be 0 or more, got -1"),
     ],
 )
 def test_cli_usage_errors(tmp_path, arguments, message):

@@ -52,6 +52,8 @@ def test_inspect_and_extract_at_80_columns(features, tmp_path):
     lines = lines_of(result)
     assert_fits(lines, skip_first=True)
     assert "5 images stored" in lines[0]
+    timings = " ".join(" ".join(lines).split("timings (s;", 1)[1].split())
+    assert timings.startswith("decode/preprocess summed over workers) decode: ")  # every value keeps its name
 
 
 def test_bench_at_80_columns():
@@ -72,3 +74,6 @@ def test_a_table_that_fits_stays_a_table_and_one_that_does_not_is_stacked():
     text = tiny.export_text()
     assert "┃" not in text
     assert "p3 stride: 8; channels: 256" in " ".join(text.split())
+    tiny = Console(width=14, record=True)
+    print_table(tiny, "timings", ("decode", "model"), [("0.04", "7.38")], left=0)  # no column names the row
+    assert " ".join(tiny.export_text().split()) == "timings decode: 0.04; model: 7.38"

@@ -32,6 +32,7 @@ def test_every_entry_carries_its_preprocessing_and_network_settings():
     assert detectron2.published_sha256_prefix is None  # detectron2 publishes no checksum
     with pytest.raises(WeightsError, match="unknown weights 'nope'"):
         fpnx.get_weights("nope")
+    assert fpnx.get_weights("random") == entries["random"] and not entries["random"].trained
 
 
 def test_offline_error_says_where_the_file_goes(monkeypatch):
@@ -84,3 +85,18 @@ def test_local_file_records_its_checksum(tmp_path):
     assert model.weights.to_dict()["preprocessing"]["pixel_order"] == "RGB"
     with pytest.raises(WeightsError, match="no such checkpoint file"):
         fpnx.build_model(tmp_path / "missing.pth")
+
+
+def test_a_local_copy_of_a_catalogue_file_gets_its_entry_and_its_checksum_check(monkeypatch, tmp_path):
+    published = save(torchvision_detector("fasterrcnn", seed=5).state_dict(), tmp_path / "published.pth")
+    entry = _entry_for(published).replace(bn_eps=0.0)  # the local default would be 1e-5
+    monkeypatch.setitem(catalogue.CATALOGUE, entry.name, entry)
+    for path in (tmp_path / entry.filename, tmp_path / "renamed.pth"):  # by its published name, by its checksum
+        shutil.copyfile(published, path)
+        weights = fpnx.build_model(path).weights
+        assert (weights.name, weights.bn_eps, weights.file) == (entry.name, 0.0, str(path))
+        assert weights.sha256 == hashlib.sha256(published.read_bytes()).hexdigest()
+    # a file under the name of the default weights that is not that file
+    impostor = shutil.copyfile(published, tmp_path / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth")
+    with pytest.raises(WeightsError, match="checksum mismatch for fasterrcnn_resnet50_fpn.coco_v1"):
+        fpnx.build_model(impostor)

@@ -213,7 +213,8 @@ class ImageLoader:
             pool.submit(_ping).result(timeout=300)
         except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
             pool.shutdown(wait=False, cancel_futures=True)
-            warnings.warn(f"worker processes cannot start here ({type(error).__name__}); decoding in this process")
+            warnings.warn(f"worker processes cannot start here ({type(error).__name__}); decoding in this process "
+                          f"(in a script, call fpnx.extract under `if __name__ == \"__main__\":`)")
             self.workers = 0
             return None
         return pool

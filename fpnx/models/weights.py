@@ -144,11 +144,24 @@ def local_weights(path: str | Path, *, framework: str) -> Weights:
                    description="local torchvision-style checkpoint", file=str(path))
 
 
+def catalogue_entry_of(path: Path, digest: str) -> Weights | None:
+    """The catalogue entry a local file is: by its published file name, or (renamed torchvision files) by the
+    sha256 prefix published in that name. A file under a published name must then pass its checksum."""
+    for entry in CATALOGUE.values():
+        prefix = entry.published_sha256_prefix
+        if entry.filename == path.name or (prefix and digest.startswith(prefix)):
+            return entry
+    return None
+
+
 def list_weights() -> list[Weights]:
-    return list(CATALOGUE.values())
+    """Every named entry: the catalogue, then ``random``."""
+    return [*CATALOGUE.values(), random_weights()]
 
 
 def get_weights(name: str) -> Weights:
+    if name == RANDOM:
+        return random_weights()
     try:
         return CATALOGUE[name]
     except KeyError:
@@ -186,8 +199,9 @@ def fetch(weights: Weights, *, progress: bool = True) -> tuple[Path, str]:
     return target, verify_checksum(weights, target)
 
 
-def verify_checksum(weights: Weights, path: Path) -> str:
-    digest = sha256_of(path)
+def verify_checksum(weights: Weights, path: Path, digest: str | None = None) -> str:
+    """The sha256 of ``path`` (``digest`` if already known); WeightsError if it differs from the published one."""
+    digest = digest or sha256_of(path)
     prefix = weights.published_sha256_prefix
     if prefix and not digest.startswith(prefix):
         raise WeightsError(
@@ -211,9 +225,12 @@ def resolve(weights: str | os.PathLike | Weights | None, *, depth: int = 50) -> 
             if not path.suffix and os.sep not in str(weights):
                 get_weights(str(weights))  # raises the "unknown weights" error with the known names
             raise WeightsError(f"{path}: no such checkpoint file")
+        digest = sha256_of(path)
+        known = catalogue_entry_of(path, digest)
+        if known is not None:  # the catalogue's settings (its batch-norm eps), and its checksum checked
+            return known.replace(file=str(path), sha256=verify_checksum(known, path, digest)), path
         framework = "detectron2" if path.suffix == ".pkl" else "torchvision"
-        entry = local_weights(path, framework=framework)
-        return entry.replace(sha256=sha256_of(path)), path
+        return local_weights(path, framework=framework).replace(sha256=digest), path
     if entry.file:
         path = Path(entry.file)
         digest = verify_checksum(entry, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..report.levels import LevelReport
@@ -35,6 +35,9 @@ class ExtractSummary:
     fp32_fallbacks: int = 0
     float16_clamped: int = 0
     mean_batch_fill: float = 1.0  # images per batch over --batch-size, averaged over the batches
+    # what this run did to the pixels (``weights["preprocessing"]`` is what the weights carry; sizes and pixel
+    # order may differ by option)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
