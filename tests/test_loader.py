@@ -5,7 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ SPEC = TORCHVISION.replace(min_size=64, max_size=96)
 
 
 def shared_blocks() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+    return {name for name in os.listdir("/dev/shm") if name.startswith("fpnx-")} if os.path.isdir("/dev/shm") else set()
 
 
 @pytest.fixture()
@@ -178,6 +181,31 @@ def test_an_image_too_large_for_a_slot_travels_pickled(tmp_path):
         assert item.slot is None and item.pixels.shape == (3, 300, 400)
     finally:
         slots.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_blocks_of_owners_that_no_longer_exist_are_removed_by_the_next_owner(tmp_path):
+    """A kill of a whole process group takes Python's resource tracker too: the next run frees the block."""
+    from fpnx.loader.slots import remove_stale_blocks
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = SharedSlots(1, 4096)
+    namespace = live._memory.name.split("-")[1]
+    dead, other_namespace = f"fpnx-{namespace}-{gone.pid}-0badc0de", f"fpnx-1-{gone.pid}-0badc0de"
+    kept = {other_namespace, f"psm-{gone.pid}-0badc0de", live._memory.name}  # not ours to judge, or alive
+    try:
+        for name in (dead, *kept - {live._memory.name}):
+            (Path("/dev/shm") / name).write_bytes(b"x")
+        assert remove_stale_blocks() == [dead]
+        assert kept <= set(os.listdir("/dev/shm"))
+        (Path("/dev/shm") / dead).write_bytes(b"x")
+        SharedSlots(1, 4096).close()  # a new block: the stale ones go first
+        assert dead not in os.listdir("/dev/shm") and kept <= set(os.listdir("/dev/shm"))
+    finally:
+        live.close()
+        for name in (dead, *kept - {live._memory.name}):
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def fake(height: int, width: int, k: int) -> LoadedImage:

@@ -798,7 +798,7 @@ def test_damaged_or_truncated_files_give_one_line_errors(tmp_path, model):
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm")
 def test_shared_memory_is_freed_after_a_run_and_after_kill_9(tmp_path):
     def blocks() -> set[str]:
-        return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+        return {name for name in os.listdir("/dev/shm") if name.startswith("fpnx-")}
 
     images = folder(tmp_path)
     photos(images, 12)

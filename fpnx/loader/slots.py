@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import mmap
 import os
+import secrets
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
@@ -44,7 +45,8 @@ class SharedSlots:
         # Created (and registered for clean-up if this process dies) by SharedMemory, but read through a mapping
         # of our own that is never closed explicitly: arrays handed out keep it alive (numpy holds a reference to
         # the mmap, not a buffer export, so closing it under them would leave them pointing at unmapped memory).
-        self._memory = shared_memory.SharedMemory(create=True, size=size)
+        remove_stale_blocks()
+        self._memory = shared_memory.SharedMemory(name=_new_block_name(), create=True, size=size)
         try:
             self._map = mmap.mmap(self._memory._fd, size)  # noqa: SLF001 - POSIX: the block's descriptor
         finally:
@@ -127,6 +129,54 @@ def _attach_arrays(item: LoadedImage, buffer, offset: int, layout) -> None:
         item.padded, item.pixels = stored, stored[:, : unpadded[1], : unpadded[2]]
     else:
         item.padded, item.pixels = None, stored
+
+
+# Blocks are named ``fpnx-<pid namespace>-<owner pid>-<random>``. Python's resource tracker unlinks a block whose
+# owner died, but a kill of the whole process group (a job scheduler's SIGKILL) takes the tracker too, and the
+# block would hold its memory until the machine restarts: each new owner first removes the blocks of owners that
+# no longer exist (in its own pid namespace, where it can tell).
+_BLOCK_PREFIX = "fpnx-"
+_SHARED_MEMORY_FOLDER = "/dev/shm"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _new_block_name() -> str:
+    return f"{_BLOCK_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_stale_blocks(folder: str = _SHARED_MEMORY_FOLDER) -> list[str]:
+    """Remove the blocks left by fpnx processes of this pid namespace that no longer exist; their names."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    namespace, removed = _pid_namespace(), []
+    for name in names:
+        parts = name[len(_BLOCK_PREFIX):].split("-") if name.startswith(_BLOCK_PREFIX) else []
+        if len(parts) != 3 or parts[0] != namespace or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:  # removed meanwhile, or not ours to remove
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}
