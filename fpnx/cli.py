@@ -22,9 +22,35 @@ from .models.weights import DEFAULT_WEIGHTS
 from .sources import DEFAULT_MAX_PIXELS
 from .store.shards import as_shard
 
+try:  # the click that typer raises from: its own copy in recent typer
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
 
 class _Commands(TyperGroup):
     """Every command runs inside the one error handler, also under ``typer.testing.CliRunner``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Command-line mistakes (an unknown option, a missing value) print one line too, with exit code 2; click
+        would print a box of several. ``fpnx`` alone, or a command without arguments, prints its help."""
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            error.show()
+            code = error.exit_code
+        except click_errors.UsageError as error:
+            where = f"; see '{error.ctx.command_path} --help'" if error.ctx is not None else ""
+            render.print_error(UsageError(f"{error.format_message().rstrip('.')}{where}"))
+            code = error.exit_code
+        except click_errors.ClickException as error:
+            render.print_error(FpnxError(error.format_message()))
+            code = error.exit_code
+        except click_errors.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:

@@ -28,12 +28,25 @@ class WeightsError(FpnxError):
     exit_code = 2
 
 
+class DownloadError(WeightsError):
+    """Named weights could not be downloaded, or the file differs from the published one: the run could not
+    complete (exit 1), though nothing on the command line was wrong."""
+
+    exit_code = 1
+
+
 class ImageError(FpnxError):
     """One image could not be decoded; a run records it and goes on."""
 
 
 class StoreError(FpnxError):
     """A feature file is missing, corrupt, locked, or was made with other settings."""
+
+
+class MissingFileError(StoreError):
+    """The feature file asked for does not exist: a usage error (exit 2), like a missing input of ``extract``."""
+
+    exit_code = 2
 
 
 class BenchError(FpnxError):

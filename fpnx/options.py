@@ -150,6 +150,15 @@ def check_output(out: Path) -> None:
         raise UsageError(f"{out}: the folder {out.parent} does not exist")
 
 
+def check_output_is_not_an_input(out: Path, images: Sequence[Any]) -> None:
+    """An ``--out`` that names one of the input images would be replaced by the features: refused."""
+    if not out.exists():
+        return
+    for image in images:
+        if os.path.basename(image.path) == out.name and os.path.samefile(image.path, out):
+            raise UsageError(f"{out} is one of the input images; choose another --out")
+
+
 def run_metadata(options: ExtractOptions, inputs: Sequence[str | os.PathLike], device: torch.device) -> dict[str, Any]:
     """What a run records beside its settings (never compared on resume).
 

@@ -110,6 +110,8 @@ def print_extract_summary(summary) -> None:
         f" {summary.device}, {summary.precision}, stored {summary.dtype})",
         soft_wrap=True,  # one line for scripts that grep it, whatever the terminal width
     )
+    if summary.images_found == 0:
+        out.print("[yellow]no images found in the inputs[/yellow]")
     print_table(out, "levels", ("level", "stride", "C", "min", "median", "max", "bytes"),
                 [(level.name, str(level.stride), str(level.channels), _hw(level.min_hw), _hw(level.median_hw),
                   _hw(level.max_hw), human_bytes(level.bytes)) for level in summary.levels])

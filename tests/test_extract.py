@@ -218,6 +218,37 @@ def test_cli_usage_errors(tmp_path, arguments, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["extract", str(SAMPLES), "--bogus"], "No such option: --bogus"),
+        (["extract", str(SAMPLES)], "Missing option '--out'"),
+        (["extract", str(SAMPLES), "--out", "f.h5", "--batch-size", "two"], "Invalid value for '--batch-size'"),
+        (["no_such_command"], "No such command 'no_such_command'"),
+    ],
+)
+def test_command_line_mistakes_print_one_line(arguments, message):
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output
+    assert "--help'" in result.output  # where to look
+
+
+def test_an_output_that_is_one_of_the_input_images_is_refused_even_with_overwrite(tmp_path):
+    image = shutil.copyfile(SAMPLES / "rocket.jpg", tmp_path / "rocket.jpg")
+    before = image.read_bytes()
+    result = runner.invoke(app, ["extract", str(tmp_path), "--out", str(image), "--overwrite", "--weights", "random"])
+    assert result.exit_code == 2 and "is one of the input images" in result.output, result.output
+    assert image.read_bytes() == before
+
+
+def test_an_empty_folder_says_no_images_were_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["extract", str(tmp_path / "empty"), "--out", str(tmp_path / "f.h5"), "--weights",
+                                 "random"])
+    assert result.exit_code == 0 and "no images found" in result.output, result.output
+
+
 def test_cli_output_is_a_folder(tmp_path):
     result = runner.invoke(app, ["extract", str(SAMPLES), "--out", str(tmp_path), "--weights", "random"])
     assert result.exit_code == 2 and "folder" in result.output

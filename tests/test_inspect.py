@@ -282,6 +282,8 @@ def test_plot_without_the_input_image_says_so(tmp_path):
     assert "not found" in invoke("inspect", path, "--plot", out).output
     result = invoke("inspect", path, "--plot", tmp_path / "fig.jpg")
     assert result.exit_code == 2 and ".png" in error_line(result)
+    result = invoke("inspect", path, "--plot", tmp_path / "typo" / "fig.png")
+    assert result.exit_code == 2 and "does not exist" in error_line(result) and not (tmp_path / "typo").exists()
 
 
 def test_plot_finds_the_input_from_another_folder_after_shards_and_a_merge(photos, tmp_path, monkeypatch):
@@ -350,7 +352,7 @@ def test_parts_folder_of_an_unfinished_run(tmp_path):
 
 def test_missing_non_hdf5_and_corrupted_files(features, tmp_path):
     result = invoke("inspect", tmp_path / "missing.h5")
-    assert result.exit_code == 1 and "does not exist" in error_line(result)
+    assert result.exit_code == 2 and "does not exist" in error_line(result)  # a usage error, as for extract
 
     text = tmp_path / "notes.h5"
     text.write_text("hello, not HDF5\n")

@@ -43,6 +43,7 @@ def test_offline_error_says_where_the_file_goes(monkeypatch):
     with pytest.raises(WeightsError) as error:
         fpnx.build_model(fpnx.DEFAULT_WEIGHTS)
     message = str(error.value)
+    assert error.value.exit_code == 1  # the run could not complete; nothing on the command line was wrong
     expected = catalogue.cache_dir() / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
     assert str(expected) in message and "--weights PATH" in message and "\n" not in message
 

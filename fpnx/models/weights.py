@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import DownloadError, WeightsError
 from ..preprocess import DETECTRON2, TORCHVISION, Preprocessing
 
 DEFAULT_WEIGHTS = "fasterrcnn_resnet50_fpn.coco_v1"
@@ -192,7 +192,7 @@ def fetch(weights: Weights, *, progress: bool = True) -> tuple[Path, str]:
             torch.hub.download_url_to_file(weights.url, str(target), progress=progress)
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             reason = getattr(error, "reason", error)
-            raise WeightsError(
+            raise DownloadError(
                 f"cannot download {weights.name} ({reason}); put the file at {target}, "
                 f"or pass a local checkpoint with --weights PATH (or --weights random for an offline smoke run)"
             ) from None
@@ -204,7 +204,7 @@ def verify_checksum(weights: Weights, path: Path, digest: str | None = None) -> 
     digest = digest or sha256_of(path)
     prefix = weights.published_sha256_prefix
     if prefix and not digest.startswith(prefix):
-        raise WeightsError(
+        raise DownloadError(
             f"{path}: checksum mismatch for {weights.name} (sha256 {digest[:12]}..., published {prefix}...); "
             f"delete the file and download it again"
         )

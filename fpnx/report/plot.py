@@ -155,6 +155,8 @@ def plot_features(
     path, out = Path(path), Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--plot writes a PNG: give a file name ending in .png, not {out.name!r}")
+    if not out.parent.is_dir():  # as extract's --out: a mistyped folder is not created
+        raise UsageError(f"{out}: the folder {out.parent} does not exist")
     with open_features(path) as reader:
         if len(reader) == 0:
             raise UsageError(f"{path} holds no images to plot")
@@ -185,7 +187,6 @@ def plot_features(
     ])
     for column, (level, array) in enumerate(arrays.items(), start=1):
         figure.level_panels(column, level, np.asarray(array, dtype=np.float64))
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         figure.canvas.save(out, format="PNG")
     except OSError as error:

@@ -26,7 +26,7 @@ from ..models import (
     FeaturePyramid, build_model, optimize_for_inference, pooled_vectors, resolve_device, valid_regions,
 )  # fmt: skip
 from ..models.inference import PRECISIONS, all_finite, float16_overflows, run_model
-from ..options import ExtractOptions, check_output, run_metadata
+from ..options import ExtractOptions, check_output, check_output_is_not_an_input, run_metadata
 from ..report.levels import level_reports
 from ..sources import discover
 from ..store import FeatureWriter, ImageRecord
@@ -48,6 +48,7 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     started = time.perf_counter()
     device = resolve_device(options.device)
     discovery = discover(inputs, archives=options.archives)
+    check_output_is_not_an_input(Path(out), discovery.images)
     model = options.model if options.model is not None else build_model(options.weights, depth=options.depth,
                                                                          bn_eps=options.bn_eps)
     spec = options.preprocessing(model.preprocessing)

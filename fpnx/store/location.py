@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import MissingFileError, StoreError
 from . import schema
 from .parts import Manifest, committed_segments, looks_like_parts, parts_dir_for
 from .settings import check_settings
@@ -54,7 +54,7 @@ def locate_store(path: Path) -> StoreLocation:
 def missing_output_error(path: Path) -> StoreError:
     parts = parts_dir_for(path)
     if not parts.is_dir():
-        return StoreError(f"{path} does not exist")
+        return MissingFileError(f"{path} does not exist")
     count = count_images(parts)
     images = f"{count} images" if count is not None else "some images"
     return StoreError(

@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError, first_line
+from ..errors import MissingFileError, StoreError, first_line
 from . import schema
 from .chunks import external_storage
 from .parts import in_parts_folder, refers_to_own_data_file
@@ -41,7 +41,7 @@ def problems_as_store_errors(path: Path, doing: str = "read") -> Iterator[None]:
 def open_h5(path: Path) -> h5py.File:
     """An HDF5 file opened read-only, or StoreError saying why it is not one."""
     if not path.exists():
-        raise StoreError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     if path.is_dir():
         raise StoreError(f"{path} is a folder, not an fpnx feature file")
     try:
