@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -35,7 +36,9 @@ class _Commands(TyperGroup):
         """Command-line mistakes (an unknown option, a missing value) print one line too, with exit code 2; click
         would print a box of several. ``fpnx`` alone, or a command without arguments, prints its help."""
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.showwarning = render.print_warning
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as error:
             error.show()
             code = error.exit_code
@@ -46,7 +49,7 @@ class _Commands(TyperGroup):
         except click_errors.ClickException as error:
             render.print_error(FpnxError(error.format_message()))
             code = error.exit_code
-        except click_errors.Abort:
+        except typer.Abort:
             code = 1
         if not standalone_mode:
             return code

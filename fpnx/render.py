@@ -27,6 +27,11 @@ def print_error(error: FpnxError) -> None:
     stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)  # paths hold [ ]
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one line, without the source line Python adds."""
+    stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def note(message: str) -> None:
     stderr.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
@@ -157,10 +162,11 @@ def print_weights(entries) -> None:
         rows.append((
             escape(entry.name), f"ResNet-{entry.depth}", f"{prep.pixel_order} {scale}",
             f"{', '.join(f'{v:g}' for v in prep.mean)} / {', '.join(f'{v:g}' for v in prep.std)}",
+            f"{prep.resize} rule, {prep.min_size}/{prep.max_size}, padded to {prep.size_divisibility}",
             f"{entry.bn_eps:g}", "1x1" if entry.stride_in_1x1 else "3x3",
             "trained" if entry.fpn_trained else "untrained", escape(entry.description),
         ))
-    columns = ("name", "network", "pixels", "mean / std", "bn eps", "stride in", "FPN", "description")
+    columns = ("name", "network", "pixels", "mean / std", "resize", "bn eps", "stride in", "FPN", "description")
     print_table(Console(), "weights (fpnx extract --weights NAME)", columns, rows, left=len(columns))
 
 

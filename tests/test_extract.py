@@ -249,6 +249,17 @@ def test_an_empty_folder_says_no_images_were_found(tmp_path):
     assert result.exit_code == 0 and "no images found" in result.output, result.output
 
 
+def test_library_warnings_print_one_line_on_the_command_line(tmp_path):
+    from checkpoint_factory import save, torchvision_resnet
+
+    body_only = save(torchvision_resnet(18).state_dict(), tmp_path / "resnet18.pth")
+    result = runner.invoke(app, ["extract", str(SAMPLES / "rocket.jpg"), "--out", str(tmp_path / "f.h5"), "--weights",
+                                 str(body_only), "--min-size", "64", "--max-size", "96", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "holds only the ResNet body" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "UserWarning" not in result.output
+
+
 def test_cli_output_is_a_folder(tmp_path):
     result = runner.invoke(app, ["extract", str(SAMPLES), "--out", str(tmp_path), "--weights", "random"])
     assert result.exit_code == 2 and "folder" in result.output

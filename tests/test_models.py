@@ -353,3 +353,11 @@ def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
         assert (conv.allow_tf32, matmul.allow_tf32) == (False, False)
     finally:
         conv.allow_tf32, matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_build_model_on_a_missing_device_says_so_in_one_line():
+    from fpnx.errors import UsageError
+
+    with pytest.raises(UsageError, match="device cuda: CUDA is not available on this machine"):
+        fpnx.build_model("random", device="cuda")

@@ -43,6 +43,7 @@ def test_weights_at_80_columns_are_stacked_with_every_value_whole():
     for entry in fpnx.list_weights():
         assert any(line.strip() == entry.name for line in lines), entry.name  # each name on a line of its own
     assert "FPN: untrained" in text and "stride in: 1x1" in text and "mean / std: 103.53, 116.28, 123.675" in text
+    assert "resize: detectron2 rule, 800/1333, padded to 32" in " ".join(text.split())
 
 
 def test_inspect_and_extract_at_80_columns(features, tmp_path):

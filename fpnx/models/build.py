@@ -10,6 +10,7 @@ from ..errors import UsageError, WeightsError
 from ..preprocess import Preprocessing
 from . import checkpoint_keys, checkpoints
 from .fpn import FPN
+from .device import resolve_device
 from .layers import fold_norms
 from .resnet import RESNET_SPECS, ResNet
 from .weights import Weights, resolve, warn_if_untrained
@@ -47,6 +48,7 @@ def build_model(
     what the weights need. ``fold_norm`` folds each frozen batch norm into its conv for faster inference.
     ``model.weights.preprocessing`` says how to prepare images for it.
     """
+    device = device if isinstance(device, torch.device) else resolve_device(device)  # checked before any download
     if depth is not None and depth not in RESNET_SPECS:
         raise UsageError(f"depth must be one of {sorted(RESNET_SPECS)}, got {depth}")
     entry, path = resolve(weights, depth=depth or 50)
