@@ -352,6 +352,19 @@ def finish(arguments: list[str], **options) -> subprocess.CompletedProcess:
     return subprocess.run(arguments, capture_output=True, text=True, env=environment(), timeout=300, **options)
 
 
+@pytest.mark.parametrize("after_s", [0.15, 0.6])
+def test_ctrl_c_while_python_imports_the_command_prints_one_line(tmp_path, after_s):
+    """Importing torch takes seconds; a Ctrl-C then must not print the traceback of an import."""
+    images = folder(tmp_path)
+    photos(images, 2)
+    process = start(command(images, tmp_path / "out.h5"), tmp_path / "log")
+    time.sleep(after_s)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0, interval: float = 0.002) -> None:
     """Poll until ``condition()``; fail if the process ends first (the moment to act on was missed)."""
     deadline = time.monotonic() + timeout
