@@ -365,6 +365,26 @@ def test_ctrl_c_while_python_imports_the_command_prints_one_line(tmp_path, after
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
 
 
+def test_ctrl_c_after_the_output_is_in_place_says_it_is_complete(tmp_path, model, monkeypatch):
+    import fpnx.store.writer as writer_module
+
+    images = folder(tmp_path)
+    photos(images, 3)
+    out = tmp_path / "out.h5"
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module, "remove_tree", interrupted)  # while the parts folder is being removed
+    with pytest.raises(fpnx.Interrupted, match=f"interrupted: {out} is complete; the same command removes"):
+        extract([images], out, model)
+    monkeypatch.undo()
+    with fpnx.open_features(out) as features:
+        assert len(features) == 3
+    summary = extract([images], out, model)
+    assert summary.images_already_done == 3 and not (tmp_path / "out.h5.parts").exists()
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0, interval: float = 0.002) -> None:
     """Poll until ``condition()``; fail if the process ends first (the moment to act on was missed)."""
     deadline = time.monotonic() + timeout

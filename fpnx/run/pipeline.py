@@ -181,11 +181,11 @@ class ExtractRun:
             except KeyboardInterrupt:
                 self._stop_output()  # a signal during the first stop: the thread may still hold the writer
                 self.writer.close()
-                raise Interrupted(
-                    f"interrupted: {self.writer.stored_count} images are kept in {self.writer.parts}; "
-                    f"run the same command again to resume",
-                    received[0] if received else signal.SIGINT,
-                ) from None
+                kept = (f"{self.writer.path} is complete; the same command removes what is left of "
+                        f"{self.writer.parts}" if self.writer.published else
+                        f"{self.writer.stored_count} images are kept in {self.writer.parts}; run the same command "
+                        f"again to resume")
+                raise Interrupted(f"interrupted: {kept}", received[0] if received else signal.SIGINT) from None
             finally:
                 loader.close()  # workers stop now, also after an error, not when the generator is collected
                 self.batch_fill = batches.fill

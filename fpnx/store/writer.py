@@ -91,6 +91,7 @@ class FeatureWriter:
         self._segment: OpenSegment | None = None
         self._next_segment = 1
         self._closed = False
+        self.published = False  # finalize has put the complete output in place (what is left is tidying up)
         self._frozen: tuple[frozenset[str], frozenset[str]] | None = None
         self._early: EarlyMerge | None = None  # finalize's merge, begun as segments are committed
         self._lock = OutputLock(self.path)
@@ -192,6 +193,7 @@ class FeatureWriter:
                     if merging is not None:  # stopped before the merge took it over (or after: then a no-op)
                         merging.abandon()
                     raise
+            self.published = True
             remove_file(early_merge_path(self.path))  # given up while segments referred to it: copied by now
             remove_all_but_manifest(self.parts)
             remove_tree(self.parts)
