@@ -143,6 +143,10 @@ def print_shard_done(shard, out) -> None:
 
 
 def print_merge_summary(summary) -> None:
+    if not summary.merged and not summary.already_merged:
+        Console().print(f"[bold]{escape(summary.out)}[/bold]: {summary.images} images, already merged from its "
+                        f"{summary.count} shards; nothing to do", highlight=False, soft_wrap=True)
+        return
     already = f", {len(summary.already_merged)} already merged" if summary.already_merged else ""
     Console().print(
         f"[bold]{escape(summary.out)}[/bold]: {summary.images} images ({summary.images_added} added from "

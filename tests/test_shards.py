@@ -146,6 +146,12 @@ def test_shards_then_merge_equal_one_run(reference, tmp_path):
     assert f"{len(IMAGES)} images ({len(IMAGES)} added from 2 of 2 shards)" in result.stdout
     assert leftovers(tmp_path, out) == []
     assert_matches(out, reference)
+    result = runner.invoke(app, ["merge", "--out", str(out)])  # again (a retried job step): nothing to do
+    assert result.exit_code == 0 and f"{len(IMAGES)} images, already merged from its 2 shards" in result.stdout
+    assert_matches(out, reference)
+    plain = tmp_path / "plain.h5"
+    fpnx.extract([SAMPLES], plain, **COMMON)  # not made by a merge: no shards of it is still an error
+    assert runner.invoke(app, ["merge", "--out", str(plain)]).exit_code == 1
 
 
 def test_missing_shard_is_named_and_nothing_is_merged(tmp_path):

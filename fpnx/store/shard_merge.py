@@ -61,6 +61,12 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     started = time.perf_counter()
     out = Path(out)
     check_merge_output(out)
+    if not shards and not find_shards(out) and out.exists():
+        merged_from = _merged_from(out)
+        if merged_from is not None:  # a rerun after a merge that finished (it removed the shards): nothing to do
+            images = _image_count(out)
+            return MergeSummary(out=str(out), count=merged_from, merged=[], already_merged=[], images=images,
+                                images_added=0, seconds=time.perf_counter() - started)
     found = _identify([Path(p) for p in shards]) if shards else _find_for(out)
     with hold_locks([out] + [item.path for item in found]):
         for item in found:  # under the locks: no run can be adding to them now
@@ -94,6 +100,16 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
         images_added=after - before,
         seconds=time.perf_counter() - started,
     )
+
+
+def _merged_from(path: Path) -> int | None:
+    """How many shards the finished file ``path`` was merged from; None if it was not made by a merge."""
+    store = open_checked(path)
+    try:
+        recorded = store.metadata.get(MERGED_KEY)
+    finally:
+        store.close()
+    return int(recorded["count"]) if isinstance(recorded, dict) and "count" in recorded else None
 
 
 def _image_count(path: Path) -> int:
