@@ -198,6 +198,14 @@ def test_truncated_checkpoint(faster_rcnn, tmp_path, suffix):
         fpnx.build_model(cut)
 
 
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    for name, data in (("notes.pth", b"hello\n"), ("features.h5", b"\x89HDF\r\n\x1a\n" + bytes(64))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(WeightsError, match=f"{name}: not a checkpoint .torch.save writes a zip or pickle file"):
+            fpnx.build_model(path)
+
+
 def test_missing_and_unexpected_keys_are_named(faster_rcnn, tmp_path):
     state = dict(faster_rcnn.state_dict())
     del state["backbone.body.layer3.2.conv2.weight"]

@@ -21,6 +21,14 @@ from ..errors import WeightsError, first_line
 from .checkpoint_keys import few
 
 
+def _written_by_torch_save(path: Path) -> bool:
+    """Starts as a zip archive (torch.save since PyTorch 1.6) or a pickle (protocol 2 and later: 0x80) does; a
+    truncated one still does, and gets torch's own error."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pth``/``.pt``, detectron2 ``.pkl`` or ``.safetensors`` file, without running its code."""
     path = Path(path)
@@ -34,6 +42,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
+            if not _written_by_torch_save(path):
+                raise WeightsError(f"{path}: not a checkpoint (torch.save writes a zip or pickle file; also read: "
+                                   f"detectron2 .pkl and .safetensors files)")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except WeightsError:
         raise
