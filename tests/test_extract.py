@@ -209,6 +209,7 @@ def test_cli_extract_and_json(tmp_path):
         ([str(SAMPLES), "--weights", "no_such_weights"], "unknown weights"),
         ([str(SAMPLES), "--levels", ""], "--levels names no level"),
         ([str(SAMPLES), "--bn-eps", "-1"], "--bn-eps must be 0 or more, got -1"),
+        ([str(SAMPLES), "--bn-eps", "nan"], "--bn-eps must be 0 or more, got nan"),
     ],
 )
 def test_cli_usage_errors(tmp_path, arguments, message):

@@ -360,7 +360,9 @@ def test_ctrl_c_while_python_imports_the_command_prints_one_line(tmp_path, after
     process = start(command(images, tmp_path / "out.h5"), tmp_path / "log")
     time.sleep(after_s)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
+    # 130, or ended by the SIGINT itself, which a shell reports as 130 too (rarely, an interrupt caught while torch
+    # is imported still ends Python that way: 2 of 24 tries here)
+    assert process.wait(timeout=120) in (130, -signal.SIGINT)
     lines = (tmp_path / "log").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
 
