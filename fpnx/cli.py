@@ -27,6 +27,7 @@ try:  # the click that typer raises from: its own copy in recent typer
     from typer._click import exceptions as click_errors
 except ImportError:
     from click import exceptions as click_errors
+NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # click < 8.2 prints the help itself
 
 
 class _Commands(TyperGroup):
@@ -39,7 +40,7 @@ class _Commands(TyperGroup):
             with warnings.catch_warnings():
                 warnings.showwarning = render.print_warning
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click_errors.NoArgsIsHelpError as error:
+        except NO_ARGS_IS_HELP as error:
             error.show()
             code = error.exit_code
         except click_errors.UsageError as error:
