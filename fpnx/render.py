@@ -200,7 +200,8 @@ def print_inspection(result, drawn) -> None:
     if result.stats is not None:
         one = result.selected is not None and len(result.selected) == 1 and result.images != 1
         scope = f"image {result.selected[0].index}" if one else "all images"
-        print_table(out, f"statistics ({scope}; mean/std/min/max of finite values)",
+        what = "" if result.maps else " of the pooled vectors"
+        print_table(out, f"statistics{what} ({scope}; mean/std/min/max of finite values)",
                     ("level", "values", "mean", "std", "min", "max", "zeros", "NaN", "inf"),
                     [(row.name, str(row.count), _g(row.mean), _g(row.std), _g(row.min), _g(row.max),
                       "-" if row.zero_fraction is None else f"{row.zero_fraction:.2%}",

@@ -79,6 +79,14 @@ def test_no_maps_is_small_reads_back_and_refuses_map_reads(with_maps, tmp_path):
         fpnx.FeatureDataset(out)
     shown = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert shown["pool"] == "avg" and shown["maps"] is False and shown["images"] == 5
+    shown = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--stats", "--image", "1", "--json"]).stdout)
+    with fpnx.open_features(out) as reader:  # --stats describes the vectors of a file that holds only those
+        for row, level in zip(shown["stats"], reader.levels):
+            vector = reader.pooled(level)[1].astype(np.float64)
+            assert row["name"] == level and row["count"] == vector.size
+            assert np.isclose(row["mean"], vector.mean(), rtol=1e-12) and row["max"] == vector.max()
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["inspect", str(out), "--stats"])
+    assert table.exit_code == 0 and "statistics of the pooled vectors (all images" in table.output
     refused = CliRunner().invoke(app, ["extract", str(SAMPLES), "--out", str(tmp_path / "x.h5"), "--no-maps", *CLI])
     assert refused.exit_code == 2 and "--no-maps stores pooled vectors only" in refused.output
 

@@ -25,7 +25,7 @@ from ..store.parts import PARTS_SUFFIX, early_merge_path
 from ..store.storefile import open_store_file
 from .levels import LevelReport, level_reports
 from .links import LinkInfo, links_of
-from .statistics import LevelStats, level_statistics
+from .statistics import LevelStats, level_statistics, pooled_statistics
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Inspection:
     device: str | None
     links: list[LinkInfo]
     selected: list[ImageInfo] | None = None  # --images (all) or --image (one)
-    stats: list[LevelStats] | None = None  # --stats: over the selected images, or all
+    stats: list[LevelStats] | None = None  # --stats: over the selected images, or all (pooled vectors without maps)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -86,7 +86,8 @@ def inspect_features(
     """Describe the fpnx file or ``.parts`` folder at ``path``.
 
     ``images`` lists every image; ``image`` (a position or a source) selects one, for the listing and for
-    ``stats``. ``stats`` streams the selected images (all by default) to compute :class:`LevelStats`.
+    ``stats``. ``stats`` streams the selected images (all by default) to compute :class:`LevelStats`: of the maps,
+    or of the pooled vectors in a file of vectors only (``maps`` False).
     A missing, non-HDF5, damaged or untrusted file raises :class:`StoreError` with one line.
     """
     path = Path(path)
@@ -96,13 +97,13 @@ def inspect_features(
         indices: list[int] | None = None
         if image is not None:
             indices = [select_image(reader, image)]
-        if stats and not reader.has_maps:
-            raise UsageError(f"{path} stores no feature maps (written with --no-maps): there are no values for --stats")
         if images or image is not None:
             targets = indices if indices is not None else range(len(reader))
             selected_rows = [_image_info(reader, i) for i in targets]
         infos = [reader.info(i) for i in range(len(reader))]
-        level_stats = level_statistics(reader, indices) if stats else None
+        level_stats = None
+        if stats:  # of the maps, or in a file of vectors only (--no-maps), of the pooled vectors
+            level_stats = (level_statistics if reader.has_maps else pooled_statistics)(reader, indices)
         metadata = reader.metadata
         settings = reader.attrs.get("settings", {})
         weights = metadata.get("weights") or settings.get("weights") or {}

@@ -91,3 +91,16 @@ def level_statistics(reader: FeatureReader, indices: Iterable[int] | None = None
         for name, array in reader[i].items():
             accumulators[name].add(array)
     return [accumulators[name].result(name) for name in reader.levels]
+
+
+def pooled_statistics(reader: FeatureReader, indices: Iterable[int] | None = None) -> list[LevelStats]:
+    """Per-level :class:`LevelStats` of the pooled vectors (``extract --pool``) of the images at ``indices`` (all by
+    default): what ``--stats`` describes in a file of vectors only."""
+    rows = None if indices is None else list(indices)
+    stats = []
+    for name in reader.levels:
+        accumulator = _Accumulator()
+        vectors = reader.pooled(name)
+        accumulator.add(vectors if rows is None else vectors[rows])
+        stats.append(accumulator.result(name))
+    return stats
