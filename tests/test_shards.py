@@ -168,6 +168,10 @@ def test_missing_shard_is_named_and_nothing_is_merged(tmp_path):
     assert not out.exists() and present.exists()
     with pytest.raises(fpnx.StoreError, match="split 2 ways, this one is split 3 ways"):
         fpnx.extract([SAMPLES], out, shard="0/3", **COMMON)
+    three = tmp_path / "three.h5"
+    fpnx.extract([SAMPLES], three, shard="1/3", **COMMON)
+    with pytest.raises(fpnx.StoreError, match=r"shard 0/3 is missing: .* \(2 of 3 shards are not ready: 0/3, 2/3\)"):
+        merge_shards(out=three)
 
 
 CHILD = """

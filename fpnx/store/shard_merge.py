@@ -69,8 +69,7 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
                                 images_added=0, seconds=time.perf_counter() - started)
     found = _identify([Path(p) for p in shards]) if shards else _find_for(out)
     with hold_locks([out] + [item.path for item in found]):
-        for item in found:  # under the locks: no run can be adding to them now
-            _check_finished(item)
+        _check_all_finished(found)  # under the locks: no run can be adding to them now
         stores = [locate_store(item.path) for item in found]
         previous = locate_store(out) if out.exists() else None
         absorbed_before = absorbed_parts(previous.metadata) if previous is not None else set()
@@ -196,6 +195,23 @@ def _refuse_absent(shard: Shard, path: Path | None) -> None:
         raise StoreError(f"shard {shard} is unfinished: {_unfinished(shard, path)}")
     where = f"{path} does not exist" if path is not None else "no file was given for it"
     raise StoreError(f"shard {shard} is missing: {where}; run `fpnx extract ... --shard {shard}` to write it")
+
+
+def _check_all_finished(found: Sequence[_Found]) -> None:
+    """The first shard that is missing or unfinished, and how many others are (a job array may have lost many)."""
+    problems: list[tuple[Shard, StoreError]] = []
+    for item in found:
+        try:
+            _check_finished(item)
+        except StoreError as error:
+            problems.append((item.shard, error))
+    if not problems:
+        return
+    first = problems[0][1]
+    if len(problems) == 1:
+        raise first
+    named = ", ".join(str(shard) for shard, _ in problems[:8]) + (", ..." if len(problems) > 8 else "")
+    raise StoreError(f"{first} ({len(problems)} of {len(found)} shards are not ready: {named})")
 
 
 def _check_finished(item: _Found) -> None:
