@@ -81,6 +81,11 @@ def main() -> None:
     app()
 
 
+def _flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's name
+    """A boolean option: nothing follows it, so its help shows no value (typer's default shows ``<bool>``)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
@@ -102,17 +107,17 @@ def extract(
     pixel_order: Annotated[Optional[str], typer.Option(help="RGB or BGR; default: what the weights need.")] = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
     compression: Annotated[str, typer.Option(help="none, lzf or gzip.")] = "none",
-    overwrite: Annotated[bool, typer.Option(help="Start anew instead of resuming.")] = False,
-    allow_truncated: Annotated[bool, typer.Option(help="Decode what is there of truncated files.")] = False,
+    overwrite: Annotated[bool, _flag(help="Start anew instead of resuming.")] = False,
+    allow_truncated: Annotated[bool, _flag(help="Decode what is there of truncated files.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
     decode_timeout: Annotated[float, typer.Option(help="Seconds an image may take to decode and resize in a worker before it is stopped and recorded as failed; 0: no limit.")] = DEFAULT_TIMEOUT_S,
-    archives: Annotated[bool, typer.Option("--archives/--no-archives", help="Read the images inside .tar and .zip files found in folders (given ones are always read).")] = True,
-    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
+    archives: Annotated[bool, _flag("--archives/--no-archives", help="Read the images inside .tar and .zip files found in folders (given ones are always read).")] = True,
+    strict: Annotated[bool, _flag(help="Exit 1 if any image failed.")] = False,
     commit_every_s: Annotated[Optional[float], typer.Option(hidden=True, help="Advanced: seconds between commits of finished images (default 10); a crash loses at most this much work.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="Also store each image's per-channel avg or max over each level (vectors for retrieval, probes).")] = None,
-    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="--no-maps stores only the --pool vectors (kilobytes per image).")] = True,
+    maps: Annotated[bool, _flag("--maps/--no-maps", help="--no-maps stores only the --pool vectors (kilobytes per image).")] = True,
     shard: Annotated[Optional[str], typer.Option(help="I/N: only shard I of N, into OUT.shard-0000I-of-0000N.h5; join the N shards with `fpnx merge --out OUT`. Under torchrun each process takes its own shard.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Extract P2-P6 of every image into one HDF5 file; rerunning resumes where a run stopped."""
     from .run import extract as run_extract
@@ -149,7 +154,7 @@ def extract(
 def merge_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="The merged HDF5 file (added to if it exists).")],
     shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard files; default: every OUT.shard-*-of-*.h5 next to --out.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Join finished shards 0..N-1 (from `extract --shard I/N`) into one file; then remove the shard files."""
     from .store import merge_shards
@@ -163,7 +168,7 @@ def merge_command(
 
 @app.command("weights")
 def list_weights_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List the known weights and the preprocessing each one carries."""
     from .models.weights import list_weights
@@ -178,12 +183,12 @@ def list_weights_command(
 @app.command("inspect")
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="An fpnx feature file, or the OUT.h5.parts folder of an unfinished run.")],
-    images: Annotated[bool, typer.Option("--images", help="One row per image: index, source, original and resized size.")] = False,
+    images: Annotated[bool, _flag("--images", help="One row per image: index, source, original and resized size.")] = False,
     image: Annotated[Optional[str], typer.Option("--image", help="One image, by position or source (also selects what --stats and --plot show).")] = None,
-    stats: Annotated[bool, typer.Option("--stats", help="Per level mean, std, min, max, fraction of zeros, NaN/inf counts (streamed).")] = False,
+    stats: Annotated[bool, _flag("--stats", help="Per level mean, std, min, max, fraction of zeros, NaN/inf counts (streamed).")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the input image, each level's mean activation and histogram.")] = None,
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder the sources are relative to, for --plot.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print everything as JSON on stdout.")] = False,
 ) -> None:
     """Describe a feature file: images, weights, preprocessing, levels, size; optionally images, stats, a plot."""
     from .report.inspection import inspect_features
@@ -207,12 +212,12 @@ def bench_command(
     warmup: Annotated[int, typer.Option(help="Untimed iterations first.")] = 2,
     weights: Annotated[str, typer.Option(help="Weights to build the model with (timings do not depend on them).")] = "random",
     depth: Annotated[Optional[int], typer.Option(help="ResNet depth; default: what the weights hold.")] = None,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last memory format, as extract uses.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (the first call compiles, untimed).")] = False,
+    channels_last: Annotated[bool, _flag("--channels-last/--no-channels-last", help="channels_last memory format, as extract uses.")] = True,
+    compile: Annotated[bool, _flag("--compile", help="torch.compile the model (the first call compiles, untimed).")] = False,
     compare: Annotated[Optional[str], typer.Option(help="Also time this reference in the same run: torchvision.")] = None,
     pipeline: Annotated[Optional[Path], typer.Option(help="Also extract this folder end to end into a temporary file.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: torch's.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Time the network: images/s, latency, GFLOP/s, memory, per-stage breakdown and P2-P6 shapes."""
     from .bench import run_bench

@@ -78,3 +78,11 @@ def test_a_table_that_fits_stays_a_table_and_one_that_does_not_is_stacked():
     tiny = Console(width=14, record=True)
     print_table(tiny, "timings", ("decode", "model"), [("0.04", "7.38")], left=0)  # no column names the row
     assert " ".join(tiny.export_text().split()) == "timings decode: 0.04; model: 7.38"
+
+
+def test_help_shows_no_value_after_a_flag():
+    for command in ("extract", "inspect", "bench", "weights", "merge"):
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        flags = [line for line in result.output.splitlines() if "--json" in line or "--stats" in line]
+        assert flags and not any("<bool>" in line for line in flags), flags
