@@ -363,6 +363,14 @@ def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
         conv.allow_tf32, matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("eps", [-1e-5, float("nan")])
+def test_build_model_refuses_a_negative_or_nan_bn_eps(eps):
+    from fpnx.errors import UsageError
+
+    with pytest.raises(UsageError, match="bn_eps must be 0 or more"):
+        fpnx.build_model("random", bn_eps=eps)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_build_model_on_a_missing_device_says_so_in_one_line():
     from fpnx.errors import UsageError

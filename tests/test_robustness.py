@@ -367,6 +367,17 @@ def test_ctrl_c_while_python_imports_the_command_prints_one_line(tmp_path, after
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
 
 
+def test_once_the_command_is_over_a_ctrl_c_is_ignored_while_python_exits():
+    """torch's exit handlers run after the command: a Ctrl-C then would print a traceback from them."""
+    script = ("import signal, sys\nimport fpnx.__main__ as entry\nsys.argv = ['fpnx', 'weights', '--json']\n"
+              "try:\n    entry.main()\nexcept SystemExit as done:\n    print(done.code)\n"
+              "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["0", "True"]
+
+
 def test_ctrl_c_after_the_output_is_in_place_says_it_is_complete(tmp_path, model, monkeypatch):
     import fpnx.store.writer as writer_module
 

@@ -62,8 +62,8 @@ def build_model(
     elif depth is not None:
         entry = entry.replace(depth=depth)
     if bn_eps is not None:
-        if not bn_eps >= 0:
-            raise ValueError(f"bn_eps must be 0 or more, got {bn_eps}")
+        if not bn_eps >= 0:  # NaN too
+            raise UsageError(f"bn_eps must be 0 or more, got {bn_eps}")
         entry = entry.replace(bn_eps=float(bn_eps))
     if stride_in_1x1 is not None:
         entry = entry.replace(stride_in_1x1=stride_in_1x1)

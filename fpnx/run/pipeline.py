@@ -143,7 +143,6 @@ class ExtractRun:
         self._report = progress_reporter(options.progress, total)
         self._output = BackgroundWriter(writer, self._written, idle=writer.copy_earlier_work)
         self.stage = self._stage(loader)
-        self.preprocessing = loader.options.preprocessing
         self._compute_threads = torch.get_num_threads()
         self._may_overflow: set[str] | None = None
 
@@ -296,7 +295,7 @@ class ExtractRun:
             fp32_fallbacks=self.fp32_fallbacks,
             float16_clamped=self.float16_clamped,
             mean_batch_fill=self.batch_fill,
-            preprocessing=self.preprocessing.to_dict(),
+            preprocessing=self.stage.loader.options.preprocessing.to_dict(),
         )
 
     def _failed(self, item: LoadedImage) -> None:

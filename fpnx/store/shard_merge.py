@@ -61,13 +61,16 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     started = time.perf_counter()
     out = Path(out)
     check_merge_output(out)
-    if not shards and not find_shards(out) and out.exists():
-        merged_from = _merged_from(out)
-        if merged_from is not None:  # a rerun after a merge that finished (it removed the shards): nothing to do
-            images = _image_count(out)
-            return MergeSummary(out=str(out), count=merged_from, merged=[], already_merged=[], images=images,
+    if shards:
+        found = _identify([Path(p) for p in shards])
+    else:
+        available = find_shards(out)
+        finished = _finished_merge(out) if not available and out.exists() else None
+        if finished is not None:  # a rerun after a merge that finished (it removed the shards): nothing to do
+            count, images = finished
+            return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], images=images,
                                 images_added=0, seconds=time.perf_counter() - started)
-    found = _identify([Path(p) for p in shards]) if shards else _find_for(out)
+        found = _find_for(out, available)
     with hold_locks([out] + [item.path for item in found]):
         _check_all_finished(found)  # under the locks: no run can be adding to them now
         stores = [locate_store(item.path) for item in found]
@@ -101,14 +104,16 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     )
 
 
-def _merged_from(path: Path) -> int | None:
-    """How many shards the finished file ``path`` was merged from; None if it was not made by a merge."""
+def _finished_merge(path: Path) -> tuple[int, int] | None:
+    """(shards it was merged from, images) of the finished file ``path``; None if it was not made by a merge."""
     store = open_checked(path)
     try:
         recorded = store.metadata.get(MERGED_KEY)
+        if not isinstance(recorded, dict) or "count" not in recorded:
+            return None
+        return int(recorded["count"]), store.image_count()
     finally:
         store.close()
-    return int(recorded["count"]) if isinstance(recorded, dict) and "count" in recorded else None
 
 
 def _image_count(path: Path) -> int:
@@ -153,8 +158,8 @@ def _identify(paths: list[Path]) -> list[_Found]:
     return [by_index[index] for index in range(count)]
 
 
-def _find_for(out: Path) -> list[_Found]:
-    found = find_shards(out)
+def _find_for(out: Path, found: dict[int, list[Path]]) -> list[_Found]:
+    """Shards 0..N-1 of ``out`` from what :func:`find_shards` found next to it."""
     if not found:
         raise StoreError(
             f"no shards of {out} found: expected files such as {shard_path(out, Shard(0, 2)).name} in {out.parent} "
