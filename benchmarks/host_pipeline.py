@@ -24,6 +24,10 @@ files and disk:
   after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference);
 - the run's own loader alone (same workers, tasks and shared-memory slots, consumed by a loop that does nothing
   else): the ceiling that the rest of the run (crops, writes, finalize) can only lower.
+- what feeds a GPU: the loader a CUDA run builds (workers only decode; no GPU is needed to build it) against
+  decoding alone on every core at once, measured right before and right after it.
+
+The reference processes run as fpnx's workers do: one thread each, with the workers' allocator settings.
 
 Besides the rate to the end of the run, each result gives the rate before finalize (what finalize does is part
 of the cost of each image, not a fixed cost), and how many bytes the run sent to the disk per byte of the
@@ -135,32 +139,46 @@ def one_core_rates(paths: list[Path], spec) -> tuple[float, float, float]:
     return tuple(1 / statistics.median(times) for times in (decode_s, resize_s, torchvision_s))
 
 
-def _decode_and_resize(paths: list[Path], spec) -> int:
-    torch.set_num_threads(1)  # as fpnx's workers run
+def _reference_worker() -> None:
+    """A reference process runs as fpnx's workers do: one thread, and (where this checkout has them) their
+    allocator settings, without which a freed image's pages are faulted in again for the next one (measured here:
+    decoding alone ran at half speed in some processes)."""
+    torch.set_num_threads(1)
+    try:
+        from fpnx.loader.pool import _keep_freed_memory
+    except ImportError:
+        return
+    _keep_freed_memory()
+
+
+def _decode_and_resize(paths: list[Path], spec, resize: bool = True) -> int:
     for path in paths:
-        prepare_image(decode_image(str(path)).rgb, spec)
+        rgb = decode_image(str(path)).rgb
+        if resize:
+            prepare_image(rgb, spec)
     return len(paths)
 
 
 CPU_LIMIT_IMAGES = 1000  # files decoded and resized for each measurement of the all-cores limit (~4 s here)
 
 
-def all_cores_rate(paths: list[Path], spec, cores: int) -> float:
-    """Images/s of decode + fpnx's resize in ``cores`` processes at once, each over its share of ``paths`` (wall
-    time of the slowest; the processes are started and warmed up first)."""
+def all_cores_rate(paths: list[Path], spec, cores: int, resize: bool = True) -> float:
+    """Images/s of decode + fpnx's resize (or decode alone) in ``cores`` processes at once, each over its share
+    of ``paths`` (wall time of the slowest; the processes are started and warmed up first)."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        pool.starmap(_decode_and_resize, [(paths[:4], spec)] * cores)  # imports, first-call costs
-        shares = [(paths[index::cores], spec) for index in range(cores)]
+    with multiprocessing.get_context("spawn").Pool(cores, initializer=_reference_worker) as pool:
+        pool.starmap(_decode_and_resize, [(paths[:4], spec, resize)] * cores)  # imports, first-call costs
+        shares = [(paths[index::cores], spec, resize) for index in range(cores)]
         start = time.perf_counter()
         pool.starmap(_decode_and_resize, shares, chunksize=1)
         return len(paths) / (time.perf_counter() - start)
 
 
-def loader_alone_rate(paths: list[Path], spec, args) -> float | None:
-    """Images/s of the loader ``fpnx.extract`` would build, from a tenth of the images to the last; None for
-    checkouts whose pipeline builds it otherwise."""
+def loader_alone_rate(paths: list[Path], spec, args, device: str = "cpu") -> float | None:
+    """Images/s of the loader ``fpnx.extract`` would build for ``device`` (for "cuda": workers that only decode;
+    no GPU is needed to build it), from a tenth of the images to the last; None for checkouts whose pipeline
+    builds it otherwise."""
     try:
         from fpnx.options import ExtractOptions
         from fpnx.run.pipeline import _loader
@@ -168,7 +186,7 @@ def loader_alone_rate(paths: list[Path], spec, args) -> float | None:
 
         options = ExtractOptions(workers=args.workers, batch_size=args.batch_size, min_size=args.min_size,
                                  max_size=args.max_size)
-        loader = _loader([ImageSource(str(path), path.name) for path in paths], spec, options, torch.device("cpu"))
+        loader = _loader([ImageSource(str(path), path.name) for path in paths], spec, options, torch.device(device))
     except (ImportError, TypeError):
         return None
     start_at = max(1, len(paths) // 10)
@@ -181,6 +199,22 @@ def loader_alone_rate(paths: list[Path], spec, args) -> float | None:
         return (len(paths) - start_at) / (time.perf_counter() - started)
     finally:
         loader.close()
+
+
+def gpu_loader_figures(paths: list[Path], spec, args, cores: int) -> dict:
+    """What feeds a GPU: the loader a CUDA run builds (workers only decode; uint8 pixels through the slots),
+    against decoding alone on every core at once, measured right before and right after it."""
+    settle_page_cache(paths)
+    before = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=False)
+    rate = loader_alone_rate(paths, spec, args, device="cuda")
+    after = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=False)
+    reference = statistics.mean([before, after])
+    if rate is not None:
+        print(f"the loader a GPU run builds (workers only decode): {rate:.1f} images/s -> {rate / reference:.2f} of "
+              f"decoding on all {cores} cores at once, {reference:.1f} images/s ({before:.1f} / {after:.1f})",
+              flush=True)
+    return {"gpu_loader_images_per_s": rate, "all_cores_decode_images_per_s": [before, after],
+            "gpu_loader_ratio_to_all_cores_decode": None if rate is None else rate / reference}
 
 
 def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
@@ -318,6 +352,7 @@ def main() -> None:
               f"(torchvision's preprocessing {1000 / torchvision_rate:.1f} ms); CPU limit on {cores} cores "
               f"{cpu_limit:.1f} images/s ({torchvision_limit:.1f} with torchvision's); the loader alone "
               f"{loader_text}", flush=True)
+        gpu_loader = gpu_loader_figures(paths[: args.small_images], spec, args, cores)
         results = []
         for name in [name for name in args.configs.split(",") for _ in range(args.repeat)]:
             levels = CONFIGS[name]
@@ -355,6 +390,7 @@ def main() -> None:
               "torchvision_preprocessing_images_per_s_one_core": torchvision_rate,
               "torchvision_cpu_limit_images_per_s": torchvision_limit,
               "cores": cores, "cpu_limit_images_per_s": cpu_limit, "loader_alone_images_per_s": loader_rate,
+              **gpu_loader,
               "one_core_measurements": measured, "results": results,
               "torch": torch.__version__, "python": sys.version.split()[0]}
     if args.json:

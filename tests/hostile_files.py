@@ -175,3 +175,12 @@ def load_and_keep_a_teardown_marker(image: ImageSource, options: LoadOptions) ->
     interpreter's teardown collects it."""
     _KEPT.append(_MarksTeardown(os.path.join(os.path.dirname(image.path), "teardown-ran")))
     return load_image(image, options)
+
+
+def start_slowly_unless_first(marker: str) -> None:
+    """A worker initializer: the first worker to create ``marker`` starts at once, any other 1.5 s later (a worker
+    still importing torch on a busy machine)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        time.sleep(1.5)

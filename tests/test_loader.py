@@ -117,6 +117,22 @@ def test_a_crash_inside_a_task_of_several_images_costs_one_image(tmp_path):
             assert np.array_equal(item.pixels, load_image(item.origin, LoadOptions(SPEC)).pixels)
 
 
+def test_the_first_pool_starts_every_worker_before_the_first_task(tmp_path):
+    """A worker still starting when decoding begins takes a core from those decoding: the loader waits until each
+    worker has answered a ping, even one that starts late, and pings held by the first do not count twice."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fpnx.loader.pool import _ping, _wait_for_every_worker
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=hostile.start_slowly_unless_first,
+                             initargs=(str(tmp_path / "first"),)) as pool:
+        pings = [pool.submit(_ping) for _ in range(2)]
+        started = {pings[0].result(timeout=120)}
+        _wait_for_every_worker(pool, 2, started, pings[1:])
+        assert started == set(pool._processes)
+
+
 def test_a_decoder_that_never_returns_costs_one_image(tmp_path):
     """A worker stuck in a decoder is stopped after ``timeout_s`` per image of its task; the images in flight are
     tried again one at a time, so only the culprit fails, with a reason, and the run goes on in order."""

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,8 +32,9 @@ from .load import LoadedImage, LoadOptions, load_image
 from .slots import SharedSlots, SlotRef, write_into_slot
 
 
-def _ping() -> bool:
-    return True
+def _ping(hold_s: float = 0.0) -> int:
+    time.sleep(hold_s)  # a worker holding a ping leaves the next one to another worker
+    return os.getpid()
 
 
 def _worker_init() -> None:
@@ -84,6 +86,8 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
+WORKER_START_S = 300.0  # the first worker's start: importing torch on a loaded machine can take minutes
+ALL_WORKERS_START_S = 60.0  # then the others', at most this much longer
 DEFAULT_TIMEOUT_S = 120.0  # per image: minutes beyond the slowest legitimate decode+resize (~5 s at max_pixels)
 LoadFunction = Callable[[ImageSource, LoadOptions], LoadedImage]
 _Task = tuple[ImageSource, SlotRef | None]  # an image and the slot it comes back through
@@ -93,6 +97,27 @@ def _load_into_slots(load: LoadFunction, tasks: list[_Task], options: LoadOption
     """The task a worker runs: ``load`` each image, then hand its pixels over through its slot."""
     divisibility = options.preprocessing.size_divisibility
     return [write_into_slot(load(image, options), slot, divisibility) for image, slot in tasks]
+
+
+def _wait_for_every_worker(pool: ProcessPoolExecutor, workers: int, started: set[int], pings: list[Future]) -> None:
+    """Return once ``workers`` processes have answered a ping (or a minute has passed: then go on with those up).
+
+    Workers start on demand, and a worker still importing torch (1-2 s of CPU) takes a core from those already
+    decoding: measured on 2 cores, the loader's first seconds ran at 0.6-0.7 of its rate with every worker up.
+    Pings hold a worker for a moment so that the others get theirs as soon as they are up.
+    """
+    deadline = time.monotonic() + ALL_WORKERS_START_S
+    processes = getattr(pool, "_processes", None)  # the executor's own; absent elsewhere: then wait for all
+    while True:
+        for ping in pings:
+            try:
+                started.add(ping.result(timeout=max(0.0, deadline - time.monotonic())))
+            except (FutureTimeout, BrokenProcessPool):
+                return  # the run goes on with the workers that are up (a broken pool is found by the first task)
+        expected = min(workers, len(processes)) if isinstance(processes, dict) else workers
+        if len(started) >= expected or time.monotonic() >= deadline:
+            return
+        pings = [pool.submit(_ping, 0.02) for _ in range(expected - len(started))]
 
 
 class ImageLoader:
@@ -107,6 +132,8 @@ class ImageLoader:
     0.5 ms of this process's time, measured), so tasks of a few images cost a fraction of it per image.
     With workers, ``timeout_s`` (None: no limit) bounds the seconds an image may take: a worker that takes
     longer is stopped and the image fails (without workers a hanging decoder cannot be interrupted).
+    The first task waits until every worker has started (they start in parallel), so none is still starting
+    while the others decode.
     """
 
     def __init__(
@@ -134,6 +161,7 @@ class ImageLoader:
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
         self._leaving: list[multiprocessing.process.BaseProcess] = []  # workers of a shut-down pool, exiting
+        self._first_pool = True
 
     def __iter__(self) -> Iterator[LoadedImage]:
         pending: collections.deque[tuple[list[_Task], Future]] = collections.deque()
@@ -194,7 +222,8 @@ class ImageLoader:
 
     def _submit(self, images: list[ImageSource]) -> tuple[list[_Task], Future]:
         if self._pool is None and self.workers > 0:
-            self._pool = self._start_pool()
+            self._pool = self._start_pool(every_worker=self._first_pool)
+            self._first_pool = False
         future: Future = Future()
         if self._pool is None:
             future.set_result([self.load(image, self.options) for image in images])
@@ -205,18 +234,24 @@ class ImageLoader:
         tasks = [(image, self._slots.take() if self._slots is not None else None) for image in images]
         return tasks, self._pool.submit(_load_into_slots, self.load, tasks, self.options)
 
-    def _start_pool(self) -> ProcessPoolExecutor | None:
-        """A pool whose workers are known to start; None (decode here) where they cannot."""
+    def _start_pool(self, every_worker: bool) -> ProcessPoolExecutor | None:
+        """A pool whose workers are known to start; None (decode here) where they cannot. With ``every_worker``,
+        every worker has started when it returns (see :func:`_wait_for_every_worker`)."""
         # spawn, not fork: forking a process that holds torch's thread pools can deadlock
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
         try:
-            pool.submit(_ping).result(timeout=300)
+            # one ping per worker, sent at once: the executor starts a process for each (it starts one per task
+            # while none is idle)
+            pings = [pool.submit(_ping) for _ in range(self.workers if every_worker else 1)]
+            started = {pings[0].result(timeout=WORKER_START_S)}
         except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
             pool.shutdown(wait=False, cancel_futures=True)
             warnings.warn(f"worker processes cannot start here ({type(error).__name__}); decoding in this process "
                           f"(in a script, call fpnx.extract under `if __name__ == \"__main__\":`)")
             self.workers = 0
             return None
+        if every_worker:
+            _wait_for_every_worker(pool, self.workers, started, pings[1:])
         return pool
 
     def _limit(self, images: int) -> float | None:
