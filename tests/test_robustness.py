@@ -546,6 +546,25 @@ def test_ctrl_c_stops_within_seconds_keeps_finished_images_and_says_how_to_resum
     assert stored_in(out) == names
 
 
+@pytest.mark.skipif(not CAN_LIST_CHILDREN, reason="finds the worker processes in /proc")
+def test_ctrl_c_while_the_workers_start_prints_one_line(tmp_path):
+    """Workers import torch for seconds after they start; a terminal's Ctrl-C then reaches them too and must not
+    print the traceback of that import from each of them."""
+    images = folder(tmp_path)
+    photos(images, 4)
+    out = tmp_path / "out.h5"
+    log = tmp_path / "err.log"
+    process = start(command(images, out, "--workers", "2"), log, start_new_session=True)
+    wait_for(lambda: len(children(process.pid)) >= 2, process)
+    time.sleep(0.5)  # well inside the import of torch, which takes seconds
+    helpers = children(process.pid)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    stderr = log.read_text()
+    assert len(stderr.splitlines()) == 1 and error_lines(stderr)[0].startswith("error: interrupted"), stderr
+    assert wait_until_gone(helpers), "a worker outlived the run"
+
+
 def test_sigterm_stops_with_exit_143_and_keeps_finished_images(tmp_path):
     images = folder(tmp_path)
     photos(images, 12)

@@ -42,8 +42,11 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
     _keep_freed_memory()
     # A terminal's Ctrl-C reaches the whole process group: the main process stops the run and shuts the pool
-    # down, so workers ignore it (no half-done task, no traceback from every worker).
+    # down, so workers ignore it (no half-done task, no traceback from every worker). Until here it was blocked
+    # (see _submit_blocking_sigint); a Ctrl-C pending since is dropped with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # A main process killed outright (kill -9, the OOM killer) cannot shut the pool down: leave with it.
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -51,6 +54,23 @@ def _worker_init() -> None:
     # A worker told to stop leaves without the interpreter's teardown (~0.5 s with torch loaded, on cores the run
     # still needs to finalize): by then multiprocessing has sent every result and run its own clean-up.
     atexit.register(_exit_at_once)
+
+
+def _submit_blocking_sigint(pool: ProcessPoolExecutor, function: Callable, *args) -> Future:
+    """``pool.submit`` with SIGINT blocked in this thread, where the executor starts worker processes on demand.
+
+    A new process inherits the signal mask of the thread that starts it, and Python leaves a blocked SIGINT
+    blocked: a terminal's Ctrl-C, sent to the whole process group, then cannot interrupt a worker while it
+    imports torch (seconds; each would print a traceback of that import) before :func:`_worker_init` ignores it.
+    In this process a SIGINT meanwhile goes to another thread or waits for the mask to be restored: none is lost.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return pool.submit(function, *args)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(function, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _exit_at_once() -> None:
@@ -117,7 +137,7 @@ def _wait_for_every_worker(pool: ProcessPoolExecutor, workers: int, started: set
         expected = min(workers, len(processes)) if isinstance(processes, dict) else workers
         if len(started) >= expected or time.monotonic() >= deadline:
             return
-        pings = [pool.submit(_ping, 0.02) for _ in range(expected - len(started))]
+        pings = [_submit_blocking_sigint(pool, _ping, 0.02) for _ in range(expected - len(started))]
 
 
 class ImageLoader:
@@ -232,7 +252,7 @@ class ImageLoader:
             self._slots = SharedSlots.for_options(self.options, self._wanted_slots)
             self._wanted_slots = 0
         tasks = [(image, self._slots.take() if self._slots is not None else None) for image in images]
-        return tasks, self._pool.submit(_load_into_slots, self.load, tasks, self.options)
+        return tasks, _submit_blocking_sigint(self._pool, _load_into_slots, self.load, tasks, self.options)
 
     def _start_pool(self, every_worker: bool) -> ProcessPoolExecutor | None:
         """A pool whose workers are known to start; None (decode here) where they cannot. With ``every_worker``,
@@ -242,7 +262,7 @@ class ImageLoader:
         try:
             # one ping per worker, sent at once: the executor starts a process for each (it starts one per task
             # while none is idle)
-            pings = [pool.submit(_ping) for _ in range(self.workers if every_worker else 1)]
+            pings = [_submit_blocking_sigint(pool, _ping) for _ in range(self.workers if every_worker else 1)]
             started = {pings[0].result(timeout=WORKER_START_S)}
         except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
             pool.shutdown(wait=False, cancel_futures=True)
