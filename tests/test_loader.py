@@ -133,6 +133,20 @@ def test_the_first_pool_starts_every_worker_before_the_first_task(tmp_path):
         assert started == set(pool._processes)
 
 
+def test_ctrl_c_while_the_workers_start_leaves_no_worker_behind(photos, monkeypatch):
+    import fpnx.loader.pool as pool_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool_module, "_wait_for_every_worker", interrupted)
+    loader = ImageLoader(photos, LoadOptions(SPEC), workers=2, slots=4)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader))
+    loader.close()
+    assert multiprocessing.active_children() == []
+
+
 def test_a_decoder_that_never_returns_costs_one_image(tmp_path):
     """A worker stuck in a decoder is stopped after ``timeout_s`` per image of its task; the images in flight are
     tried again one at a time, so only the culprit fails, with a reason, and the run goes on in order."""

@@ -264,14 +264,19 @@ class ImageLoader:
             # while none is idle)
             pings = [_submit_blocking_sigint(pool, _ping) for _ in range(self.workers if every_worker else 1)]
             started = {pings[0].result(timeout=WORKER_START_S)}
+            if every_worker:
+                _wait_for_every_worker(pool, self.workers, started, pings[1:])
         except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = pool
+            self._stop_pool(wait=False)
             warnings.warn(f"worker processes cannot start here ({type(error).__name__}); decoding in this process "
                           f"(in a script, call fpnx.extract under `if __name__ == \"__main__\":`)")
             self.workers = 0
             return None
-        if every_worker:
-            _wait_for_every_worker(pool, self.workers, started, pings[1:])
+        except BaseException:  # Ctrl-C while they start: they leave, and close() waits for them as for others
+            self._pool = pool
+            self._stop_pool(wait=False, kill=True)
+            raise
         return pool
 
     def _limit(self, images: int) -> float | None:
