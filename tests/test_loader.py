@@ -140,11 +140,16 @@ def test_ctrl_c_while_the_workers_start_leaves_no_worker_behind(photos, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pool_module, "_wait_for_every_worker", interrupted)
+    earlier = {process.pid for process in multiprocessing.active_children()}
     loader = ImageLoader(photos, LoadOptions(SPEC), workers=2, slots=4)
     with pytest.raises(KeyboardInterrupt):
         next(iter(loader))
+    workers = {process.pid for process in multiprocessing.active_children()} - earlier
+    assert len(workers) == 2
     loader.close()
-    assert multiprocessing.active_children() == []
+    for pid in workers:  # gone (the executor's own thread may have reaped it: no exit status to read here)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_decoder_that_never_returns_costs_one_image(tmp_path):
