@@ -133,6 +133,16 @@ def test_the_first_pool_starts_every_worker_before_the_first_task(tmp_path):
         assert started == set(pool._processes)
 
 
+def test_no_more_workers_start_than_there_are_tasks(photos):
+    earlier = {process.pid for process in multiprocessing.active_children()}
+    loader = ImageLoader(photos[:3], LoadOptions(SPEC), workers=2, slots=4, per_task=8)
+    items = iter(loader)
+    assert next(items).ok
+    assert len({process.pid for process in multiprocessing.active_children()} - earlier) == 1
+    assert all(item.ok for item in items)
+    loader.close()
+
+
 def test_ctrl_c_while_the_workers_start_leaves_no_worker_behind(photos, monkeypatch):
     import fpnx.loader.pool as pool_module
 

@@ -551,7 +551,7 @@ def test_ctrl_c_while_the_workers_start_prints_one_line(tmp_path):
     """Workers import torch for seconds after they start; a terminal's Ctrl-C then reaches them too and must not
     print the traceback of that import from each of them."""
     images = folder(tmp_path)
-    photos(images, 4)
+    photos(images, 12)  # two tasks of images: both workers start at once
     out = tmp_path / "out.h5"
     log = tmp_path / "err.log"
     process = start(command(images, out, "--workers", "2"), log, start_new_session=True)

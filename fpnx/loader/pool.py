@@ -256,16 +256,17 @@ class ImageLoader:
 
     def _start_pool(self, every_worker: bool) -> ProcessPoolExecutor | None:
         """A pool whose workers are known to start; None (decode here) where they cannot. With ``every_worker``,
-        every worker has started when it returns (see :func:`_wait_for_every_worker`)."""
+        every worker the images need has started when it returns (see :func:`_wait_for_every_worker`)."""
         # spawn, not fork: forking a process that holds torch's thread pools can deadlock
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
         try:
-            # one ping per worker, sent at once: the executor starts a process for each (it starts one per task
-            # while none is idle)
-            pings = [_submit_blocking_sigint(pool, _ping) for _ in range(self.workers if every_worker else 1)]
+            # one ping per worker wanted (no more than there are tasks), sent at once: the executor starts a process
+            # for each (it starts one per task while none is idle)
+            wanted = min(self.workers, -(-len(self.images) // self.per_task)) if every_worker else 1
+            pings = [_submit_blocking_sigint(pool, _ping) for _ in range(max(1, wanted))]
             started = {pings[0].result(timeout=WORKER_START_S)}
-            if every_worker:
-                _wait_for_every_worker(pool, self.workers, started, pings[1:])
+            if wanted > 1:
+                _wait_for_every_worker(pool, wanted, started, pings[1:])
         except Exception as error:  # noqa: BLE001 - e.g. a __main__ read from stdin cannot be re-imported
             self._pool = pool
             self._stop_pool(wait=False)
