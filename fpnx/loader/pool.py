@@ -152,8 +152,8 @@ class ImageLoader:
     0.5 ms of this process's time, measured), so tasks of a few images cost a fraction of it per image.
     With workers, ``timeout_s`` (None: no limit) bounds the seconds an image may take: a worker that takes
     longer is stopped and the image fails (without workers a hanging decoder cannot be interrupted).
-    The first task waits until every worker has started (they start in parallel), so none is still starting
-    while the others decode.
+    The first task waits until the workers it needs (one per task of images, up to ``workers``) have started;
+    they start in parallel, and none is still starting while the others decode.
     """
 
     def __init__(
