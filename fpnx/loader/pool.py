@@ -3,7 +3,8 @@
 A decoder that raises costs its image a failure record; a decoder that crashes its process (a segfault, the
 OOM killer) or hangs (no result within ``timeout_s`` per image) is found by re-running the images that were in
 flight one at a time, and costs only that image.
-Images come back through shared-memory slots (:mod:`fpnx.loader.slots`).
+Images come back through shared-memory slots (:mod:`fpnx.loader.slots`). Workers start together before the
+first task, with SIGINT blocked until they ignore it (a terminal's Ctrl-C reaches them too).
 """
 
 from __future__ import annotations
