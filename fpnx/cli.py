@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -62,9 +63,12 @@ class _Commands(TyperGroup):
         except FpnxError as error:
             render.print_error(error)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:  # before or after the part of a run that reports what it kept
-            render.print_error(Interrupted("interrupted; run the same command again to resume"))
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as interrupt:  # before or after the part of a run that reports what it kept
+            # (SIGTERM arrives as fpnx.__main__.Terminated, with its number)
+            stopped = Interrupted("interrupted; run the same command again to resume",
+                                  getattr(interrupt, "signum", signal.SIGINT))
+            render.print_error(stopped)
+            raise typer.Exit(stopped.exit_code) from None
 
 
 app = typer.Typer(

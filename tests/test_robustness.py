@@ -367,11 +367,24 @@ def test_ctrl_c_while_python_imports_the_command_prints_one_line(tmp_path, after
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
 
 
+@pytest.mark.parametrize("after_s", [0.15, 0.6])
+def test_sigterm_while_python_imports_the_command_prints_one_line_and_exits_143(tmp_path, after_s):
+    """A scheduler's SIGTERM before the run takes the signal over stops the command as Ctrl-C does, not silently."""
+    images = folder(tmp_path)
+    photos(images, 2)
+    process = start(command(images, tmp_path / "out.h5"), tmp_path / "log")
+    time.sleep(after_s)
+    process.terminate()
+    assert process.wait(timeout=120) == 143
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
+
+
 def test_once_the_command_is_over_a_ctrl_c_is_ignored_while_python_exits():
     """torch's exit handlers run after the command: a Ctrl-C then would print a traceback from them."""
     script = ("import signal, sys\nimport fpnx.__main__ as entry\nsys.argv = ['fpnx', 'weights', '--json']\n"
               "try:\n    entry.main()\nexcept SystemExit as done:\n    print(done.code)\n"
-              "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+              "print(signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment(),
                             timeout=120)
     assert result.returncode == 0, result.stderr
