@@ -182,6 +182,7 @@ class ImageLoader:
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
         self._leaving: list[multiprocessing.process.BaseProcess] = []  # workers of a shut-down pool, exiting
+        self._leaving_pools: list[ProcessPoolExecutor] = []
         self._first_pool = True
 
     def __iter__(self) -> Iterator[LoadedImage]:
@@ -317,10 +318,15 @@ class ImageLoader:
                     process.kill()
             self._pool.shutdown(wait=wait or leaving is None, cancel_futures=True)
             self._leaving.extend(leaving or [])
+            self._leaving_pools.append(self._pool)
             self._pool = None
         if wait:
             while self._leaving:
                 self._leaving.pop().join()
+            # and the executors' own threads: one still running when Python exits can race its exit handler
+            # (Python 3.11: "Exception ignored ... OSError: Bad file descriptor", gh-125451)
+            while self._leaving_pools:
+                self._leaving_pools.pop().shutdown(wait=True)
 
     def _free_slots(self) -> None:
         if self._slots is not None:
