@@ -80,7 +80,8 @@ def print_table(out: Console, title: str, columns: Sequence[str], rows: Sequence
 def extract_progress(transient: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
     """A progress bar (done/total, rate, elapsed, ETA, failures) on stderr: (update, stop).
 
-    It starts with the first update, so errors before it print alone.
+    It starts with the first update, so errors before it print alone. A ``transient`` bar is shown on a terminal
+    only.
     """
     bar = Progress(
         TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
@@ -89,7 +90,13 @@ def extract_progress(transient: bool) -> tuple[Callable[[Any], None], Callable[[
     )
     task = bar.add_task("extract", total=None, rate="", failed="")
 
+    # a transient bar on a stream that is no terminal would leave only an empty line behind (rich draws it once,
+    # at the end, then erases it)
+    shown = not transient or stderr.is_terminal
+
     def update(state) -> None:
+        if not shown:
+            return
         if not bar.live.is_started:
             bar.start()
         rate = state.done / state.elapsed_s if state.elapsed_s > 0 else 0.0

@@ -372,6 +372,17 @@ def test_a_signal_while_python_imports_the_command_prints_one_line(tmp_path, sig
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
 
 
+def test_json_output_into_a_pipe_leaves_stderr_empty(tmp_path):
+    """The progress bar of a --json run is transient: where stderr is no terminal it left an empty line, which
+    then stood before an error's one line."""
+    images = folder(tmp_path)
+    photos(images, 2)
+    done = finish([*command(images, tmp_path / "out.h5"), "--json"])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["images_stored"] == 2
+
+
 def test_once_the_command_is_over_a_ctrl_c_is_ignored_while_python_exits():
     """torch's exit handlers run after the command: a Ctrl-C then would print a traceback from them."""
     script = ("import signal, sys\nimport fpnx.__main__ as entry\nsys.argv = ['fpnx', 'weights', '--json']\n"
