@@ -22,6 +22,7 @@ import torch
 from .errors import UsageError
 from .loader import DEFAULT_TIMEOUT_S
 from .models import PRECISIONS
+from .models.build import check_bn_eps
 from .models.weights import DEFAULT_WEIGHTS, Weights
 from .preprocess import PIXEL_ORDERS, Preprocessing
 from .sources import DEFAULT_MAX_PIXELS
@@ -79,8 +80,8 @@ class ExtractOptions:
             raise UsageError(f"unknown level {unknown[0]!r}; choose from {', '.join(LEVELS)}")
         if self.levels is not None and not list(self.levels):
             raise UsageError(f"--levels names no level; choose from {', '.join(LEVELS)}")
-        if self.bn_eps is not None and not self.bn_eps >= 0:  # NaN too
-            raise UsageError(f"--bn-eps must be 0 or more, got {self.bn_eps}")
+        if self.bn_eps is not None:
+            check_bn_eps(self.bn_eps, "--bn-eps")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.min_size < 1 or self.max_size < 1:

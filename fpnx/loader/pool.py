@@ -182,7 +182,7 @@ class ImageLoader:
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
         self._leaving: list[multiprocessing.process.BaseProcess] = []  # workers of a shut-down pool, exiting
-        self._leaving_pools: list[ProcessPoolExecutor] = []
+        self._leaving_pools: list[ProcessPoolExecutor] = []  # shut down without waiting for their threads
         self._first_pool = True
 
     def __iter__(self) -> Iterator[LoadedImage]:
@@ -265,7 +265,7 @@ class ImageLoader:
             # one ping per worker wanted (no more than there are tasks), sent at once: the executor starts a process
             # for each (it starts one per task while none is idle)
             wanted = min(self.workers, -(-len(self.images) // self.per_task)) if every_worker else 1
-            pings = [_submit_blocking_sigint(pool, _ping) for _ in range(max(1, wanted))]
+            pings = [_submit_blocking_sigint(pool, _ping) for _ in range(wanted)]
             started = {pings[0].result(timeout=WORKER_START_S)}
             if wanted > 1:
                 _wait_for_every_worker(pool, wanted, started, pings[1:])
@@ -316,9 +316,11 @@ class ImageLoader:
             if kill:
                 for process in leaving or []:
                     process.kill()
-            self._pool.shutdown(wait=wait or leaving is None, cancel_futures=True)
+            waited = wait or leaving is None
+            self._pool.shutdown(wait=waited, cancel_futures=True)
             self._leaving.extend(leaving or [])
-            self._leaving_pools.append(self._pool)
+            if not waited:
+                self._leaving_pools.append(self._pool)
             self._pool = None
         if wait:
             while self._leaving:

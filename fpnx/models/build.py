@@ -32,6 +32,12 @@ class FeaturePyramid(FPN):
         return list(self.output_shape())
 
 
+def check_bn_eps(bn_eps: float, name: str = "bn_eps") -> None:
+    """A batch-norm eps is 0 or more; a negative one gives NaN features, and a NaN one can never be resumed (NaN != NaN)."""
+    if not bn_eps >= 0:  # NaN too
+        raise UsageError(f"{name} must be 0 or more, got {bn_eps}")
+
+
 def build_model(
     weights: str | os.PathLike | Weights | None = None,
     *,
@@ -62,8 +68,7 @@ def build_model(
     elif depth is not None:
         entry = entry.replace(depth=depth)
     if bn_eps is not None:
-        if not bn_eps >= 0:  # NaN too
-            raise UsageError(f"bn_eps must be 0 or more, got {bn_eps}")
+        check_bn_eps(bn_eps)
         entry = entry.replace(bn_eps=float(bn_eps))
     if stride_in_1x1 is not None:
         entry = entry.replace(stride_in_1x1=stride_in_1x1)
