@@ -182,7 +182,7 @@ class ImageLoader:
         self._wanted_slots = slots
         self._slots: SharedSlots | None = None
         self._leaving: list[multiprocessing.process.BaseProcess] = []  # workers of a shut-down pool, exiting
-        self._leaving_pools: list[ProcessPoolExecutor] = []  # shut down without waiting for their threads
+        self._leaving_threads: list[threading.Thread] = []  # the executors' own, of those pools
         self._first_pool = True
 
     def __iter__(self) -> Iterator[LoadedImage]:
@@ -316,19 +316,19 @@ class ImageLoader:
             if kill:
                 for process in leaving or []:
                     process.kill()
-            waited = wait or leaving is None
-            self._pool.shutdown(wait=waited, cancel_futures=True)
+            thread = getattr(self._pool, "_executor_manager_thread", None)  # the shutdown forgets it
+            self._pool.shutdown(wait=wait or leaving is None, cancel_futures=True)
             self._leaving.extend(leaving or [])
-            if not waited:
-                self._leaving_pools.append(self._pool)
+            if isinstance(thread, threading.Thread):
+                self._leaving_threads.append(thread)
             self._pool = None
         if wait:
             while self._leaving:
                 self._leaving.pop().join()
             # and the executors' own threads: one still running when Python exits can race its exit handler
             # (Python 3.11: "Exception ignored ... OSError: Bad file descriptor", gh-125451)
-            while self._leaving_pools:
-                self._leaving_pools.pop().shutdown(wait=True)
+            while self._leaving_threads:
+                self._leaving_threads.pop().join()
 
     def _free_slots(self) -> None:
         if self._slots is not None:
