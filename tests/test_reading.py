@@ -95,6 +95,29 @@ def test_a_replaced_file_is_refused(tmp_path):
         len(pickle.loads(data))
 
 
+def test_a_reader_opened_by_a_relative_path_survives_a_change_of_folder(small, monkeypatch):
+    monkeypatch.chdir(small.parent)
+    reader = open_features(small.name)
+    expected = reader[1]
+    travelled = pickle.dumps(reader)
+    reader.close()
+    monkeypatch.chdir(small.parent.parent)  # as Hydra does; DataLoader workers unpickle the reader there
+    assert_same(reader[1], expected)
+    assert_same(pickle.loads(travelled)[1], expected)
+    assert str(reader.path) == small.name  # messages keep the path as given
+
+
+def test_a_reader_and_plain_h5py_share_a_file_in_one_process(small):
+    with open_features(small) as reader:  # then the user's own h5py.File, as docs/format.md shows
+        expected = reader[0]
+        with h5py.File(small, "r") as h5:
+            assert h5.attrs["format"] == reader.attrs["format"]
+    for options in ({}, {"locking": False}):  # the other way round, also without HDF5's locks
+        with h5py.File(small, "r", **options) as h5, open_features(small) as reader:
+            assert_same(reader[0], expected)
+            assert len(h5["images"]["source"]) == len(reader)
+
+
 def _child_reads(reader, inherited, queue) -> None:
     arrays = reader[4]
     queue.put({

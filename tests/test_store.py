@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -553,6 +554,32 @@ def test_unfinished_output_and_live_parts_view(tmp_path):
         open_features(out)
     reader.close()
     expect_images(reader, range(3))  # still usable after close: files reopen on demand
+
+
+@pytest.mark.parametrize("earlier_output", [False, True])
+def test_a_parts_reader_says_when_its_run_has_finished(tmp_path, earlier_output):
+    out = tmp_path / "out.h5"
+    if earlier_output:
+        _finished(out, [100])  # an incremental run: out.h5 exists while the run goes on
+    w = writer(out)
+    add_images(w, range(3))
+    w.commit()
+    add_images(w, range(3, 5))
+    w.commit()
+    reader = open_features(tmp_path / "out.h5.parts")
+    expect_images(reader, range(5))
+    travelled = pickle.loads(pickle.dumps(reader))
+    w.finalize()
+    finished = r"out\.h5\.parts changed while being read: its run has finished; open the output .*out\.h5$"
+    for position in (0, -1):
+        with pytest.raises(StoreError, match=finished):  # reopens the segments: gone
+            travelled[position]
+    if earlier_output:  # segments that hold their blocks: the open ones still read as they were
+        expect_images(reader, range(5))
+    else:  # their blocks were in the early merge, which is now out.h5
+        with pytest.raises(StoreError, match=finished):
+            reader[0]
+    reader.close()
 
 
 def test_write_error_keeps_committed_segments(tmp_path, monkeypatch):

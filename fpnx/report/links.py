@@ -15,6 +15,7 @@ import h5py
 
 from ..store.chunks import external_storage
 from ..store.parts import refers_to_own_data_file
+from ..store.storefile import open_read_only
 
 # At most this many links are listed (a count of the rest follows).
 MAX_LINKS = 50
@@ -54,7 +55,7 @@ def find_links(path: str | os.PathLike[str]) -> list[LinkInfo]:
     (each group once). A file that HDF5 cannot open gives an empty list (the reader reports why).
     """
     try:
-        h5 = h5py.File(path, "r", locking=False)
+        h5 = open_read_only(Path(path))
     except (OSError, ValueError):
         return []
     found: list[LinkInfo] = []

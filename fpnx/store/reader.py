@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ import torch
 
 from ..errors import StoreError, UsageError
 from . import schema
-from .handles import Identity, OpenFiles, file_identity
+from .handles import Identity, OpenFiles, file_identity, identity_of
 from .location import StoreLocation, load_file, locate_store
+from .parts import PARTS_SUFFIX
 from .regions import RegionRule, roi_align
 from .storefile import Index, combine_failures, problems_as_store_errors
 
@@ -79,7 +81,10 @@ class FeatureReader:
         self.path = target.path
         self.layout = target.layout
         self.attrs: dict[str, Any] = target.attrs
-        self._paths = list(target.files)
+        # absolute: a training script that changes its working directory (Hydra, output folders) keeps reading
+        self._paths = [file.absolute() for file in target.files]
+        self._output = _output_of_parts(self.path.absolute())  # a .parts folder's output, whose finalize ends what it shows
+        self._output_identity = _identity_or_none(self._output)
         self._identity: list[Identity] = []
         self._handles: OpenFiles | None = None
         self._index: _Rows | None = None
@@ -94,7 +99,7 @@ class FeatureReader:
             self._index = _Rows.of(indexes, self.layout, self.path)
         except FileNotFoundError:
             self.close()
-            raise StoreError(f"{self.path} changed while being read: its run has finished; open the output") from None
+            raise self._finished_error(self._output) from None
         except BaseException:
             self.close()
             raise
@@ -104,11 +109,12 @@ class FeatureReader:
     def __getstate__(self) -> dict[str, Any]:
         """The path, the files indexed with their identity, and the root attributes: no handle, no index."""
         return {"path": self.path, "layout": self.layout, "attrs": self.attrs, "files": self._paths,
-                "identity": self._identity}
+                "identity": self._identity, "output": (self._output, self._output_identity)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.layout, self.attrs = state["path"], state["layout"], state["attrs"]
         self._paths, self._identity = list(state["files"]), list(state["identity"])
+        self._output, self._output_identity = state["output"]
         self._handles = None
         self._index = None  # read again, from the same files, when first needed
 
@@ -142,7 +148,7 @@ class FeatureReader:
         width = int(rows.columns[schema.INPUT_WIDTH][i])
         handles = self._open_files()
         arrays = {}
-        with problems_as_store_errors(self._paths[k]):
+        with self._run_not_finished(), problems_as_store_errors(self._paths[k]):
             for level in chosen:
                 shape = self.layout.shape(level, height, width)
                 start = int(rows.columns[schema.offset_column(level)][i])
@@ -151,16 +157,16 @@ class FeatureReader:
         return arrays
 
     def roi_align(
-        self, key: int | str, boxes: Any, *, output_size: int | tuple[int, int] = 7, sampling_ratio: int = 2,
-        framework: str | None = None,
+        self, key: int | str, boxes: Any, *, output_size: int | tuple[int, int] = 7,
+        sampling_ratio: int | None = None, framework: str | None = None,
     ) -> torch.Tensor:
         """Features of regions of one image: ``(K, C, output_size, output_size)`` float32.
 
         ``boxes`` is ``(K, 4)``: x1, y1, x2, y2 in the original image's pixels (after its EXIF orientation:
         ``info(key)["height"]``, ``["width"]``). Each box is mapped to the network input, assigned a level among
         the stored P2-P5 and sampled with ``torchvision.ops.roi_align`` exactly as the weights' framework does
-        (torchvision: ``MultiScaleRoIAlign``; detectron2: ``ROIPooler`` with ``ROIAlignV2``); ``framework``
-        overrides the recorded one. Near the bottom and right edges see :mod:`fpnx.store.regions`.
+        (torchvision: ``MultiScaleRoIAlign``, 2 samples per bin; detectron2: ``ROIPooler`` with ``ROIAlignV2``,
+        adaptive sampling, 0); ``framework`` overrides the recorded one, ``sampling_ratio`` its sampling. Near the bottom and right edges see :mod:`fpnx.store.regions`.
         """
         rule = RegionRule.of(self.layout, self.metadata, self.path, framework)
         return roi_align(lambda levels: self.read(key, levels), self.info(key), rule, boxes, output_size, sampling_ratio)
@@ -172,7 +178,8 @@ class FeatureReader:
             raise UsageError(f"{self.path} stores no pooled vectors; extract with --pool avg or --pool max")
         checked_levels(self.layout, self.path, [level])
         handles = self._open_files()
-        parts = [handles.file(k).read_pooled(level) for k in range(len(self._paths))]
+        with self._run_not_finished():
+            parts = [handles.file(k).read_pooled(level) for k in range(len(self._paths))]
         return np.concatenate(parts) if parts else np.zeros((0, self.layout.channels[level]), np.float32)
 
     @property
@@ -264,11 +271,26 @@ class FeatureReader:
         if self._index is None:  # unpickled: index the same files again, refusing replaced ones
             handles = self._open_files()
             indexes = []
-            for k in range(len(self._paths)):
-                store = handles.file(k)
-                indexes.append(store.read_index())
+            with self._run_not_finished():
+                for k in range(len(self._paths)):
+                    indexes.append(handles.file(k).read_index())
             self._index = _Rows.of(indexes, self.layout, self.path)
         return self._index
+
+    @contextmanager
+    def _run_not_finished(self) -> Iterator[None]:
+        """A .parts folder's files fail to read once its run has finished (finalize moves the data into the
+        output and removes the folder): say that, rather than that a file is damaged or was replaced."""
+        try:
+            yield
+        except StoreError:
+            if self._output is None or _identity_or_none(self._output) == self._output_identity:
+                raise
+            raise self._finished_error(self._output) from None
+
+    def _finished_error(self, output: Path | None) -> StoreError:
+        where = f" {output}" if output is not None else ""
+        return StoreError(f"{self.path} changed while being read: its run has finished; open the output{where}")
 
     def _position(self, key: int | str) -> int:
         if isinstance(key, str):
@@ -280,6 +302,20 @@ class FeatureReader:
         if not -count <= i < count:
             raise IndexError(f"image {i} is out of range: {self.path} holds {count} images")
         return i % count
+
+
+def _output_of_parts(path: Path) -> Path | None:
+    """``OUT.h5`` for ``OUT.h5.parts`` (a folder); None for anything else."""
+    if path.is_dir() and path.name.endswith(PARTS_SUFFIX) and len(path.name) > len(PARTS_SUFFIX):
+        return path.with_name(path.name[: -len(PARTS_SUFFIX)])
+    return None
+
+
+def _identity_or_none(path: Path | None) -> Identity | None:
+    try:
+        return None if path is None else identity_of(os.stat(path))
+    except OSError:
+        return None
 
 
 def checked_levels(layout: schema.Layout, path: Path, levels: Sequence[str] | None) -> Sequence[str]:

@@ -45,13 +45,21 @@ def open_h5(path: Path) -> h5py.File:
     if path.is_dir():
         raise StoreError(f"{path} is a folder, not an fpnx feature file")
     try:
-        # HDF5's own file locks add nothing here (published fpnx files never change) and fail on some
-        # network file systems.
-        return h5py.File(path, "r", locking=False, rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
+        return open_read_only(path, rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
     except OSError as error:
         if not h5py.is_hdf5(path):
             raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
         raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({first_line(error, 'unreadable')})") from None
+
+
+def open_read_only(path: Path, **options: Any) -> h5py.File:
+    """``h5py.File(path, "r")`` with HDF5's default file locking, as a user's own ``h5py.File`` opens it (HDF5
+    refuses a second open of a file in one process with other locking settings); without locks where they fail
+    (some network file systems) or where the file is already open without them."""
+    try:
+        return h5py.File(path, "r", **options)
+    except OSError:
+        return h5py.File(path, "r", locking=False, **options)
 
 
 def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
