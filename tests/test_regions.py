@@ -130,7 +130,8 @@ def test_torchvision_parity(stores, detector):
 
 def detectron2_pool(maps: dict, boxes: np.ndarray, info: dict) -> torch.Tensor:
     """detectron2's pooling as documented: ResizeTransform.apply_coords (x * new_w / w in float64),
-    assign_boxes_to_levels (floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to 2..5), ROIAlignV2."""
+    assign_boxes_to_levels (floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to 2..5), ROIAlignV2 with the
+    sampling ratio of its R-CNN configs (POOLER_SAMPLING_RATIO = 0: adaptive)."""
     scaled = boxes * np.array([info["input_width"] * 1.0 / info["width"], info["input_height"] * 1.0 / info["height"]] * 2)
     tensor = torch.as_tensor(scaled, dtype=torch.float32)
     area = (tensor[:, 2] - tensor[:, 0]) * (tensor[:, 3] - tensor[:, 1])
@@ -139,12 +140,12 @@ def detectron2_pool(maps: dict, boxes: np.ndarray, info: dict) -> torch.Tensor:
     for k in range(2, 6):
         chosen = (level == k).nonzero().flatten()
         rois = torch.cat([torch.zeros(len(chosen), 1), tensor[chosen]], dim=1)
-        out[chosen] = roi_align(maps[str(k - 2)], rois, 7, spatial_scale=2.0**-k, sampling_ratio=2, aligned=True)
+        out[chosen] = roi_align(maps[str(k - 2)], rois, 7, spatial_scale=2.0**-k, sampling_ratio=0, aligned=True)
     return out
 
 
 def test_detectron2_parity(stores):
-    """As detectron2's ROIPooler(7, scales 1/4..1/32, 2, "ROIAlignV2"), against the network's own maps of the
+    """As detectron2's ROIPooler(7, scales 1/4..1/32, 0, "ROIAlignV2"), against the network's own maps of the
     padded input (fpnx's network equals detectron2's, tests/test_models.py)."""
     model = fpnx.build_model(stores["d2_weights"])
     spec = model.preprocessing.replace(**SIZES)
@@ -177,6 +178,14 @@ def test_the_framework_decides(stores):
         assert not torch.allclose(own, reader.roi_align(0, boxes, framework="detectron2"))
         assert reader.roi_align(0, np.zeros((0, 4))).shape == (0, 256, 7, 7)
         assert reader.roi_align(0, boxes[:1], output_size=(3, 5), sampling_ratio=0).shape == (1, 256, 3, 5)
+        # each framework samples as its own detectors do: torchvision 2 points per bin, detectron2 adaptively
+        assert torch.equal(own, reader.roi_align(0, boxes, sampling_ratio=2))
+        theirs = reader.roi_align(0, boxes, framework="detectron2")
+        assert torch.equal(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=0))
+        assert not torch.allclose(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=2))
+        for bad in (-1, 1.5, True, "2"):
+            with pytest.raises(UsageError, match="sampling_ratio must be an int >= 0"):
+                reader.roi_align(0, boxes, sampling_ratio=bad)
 
 
 # -- level assignment and arguments, on small synthetic stores ---------------------------------------------------

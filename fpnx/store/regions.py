@@ -11,6 +11,8 @@ the details, which are reproduced here:
   assign_boxes_to_levels``, ``ROIPooler`` with ``ROIAlignV2``): ``x * (new_w / w)``, ``y * (new_h / h)`` in
   float64, then float32; ``k = floor(4 + log2(sqrt(area) / 224 + 1e-8))`` (epsilon inside the log);
   ``aligned=True``.
+- Sampling points per bin: torchvision's ``MultiScaleRoIAlign`` in its detection models takes 2; detectron2's
+  R-CNN configs keep ``POOLER_SAMPLING_RATIO = 0`` (adaptive: ``ceil(bin size)``) from ``config/defaults.py``.
 
 Edges: the network saw its input zero-padded to a multiple of ``size_divisibility``, but a stored map covers
 only the image, ``n = ceil(side / stride)`` rows and columns. Each map is zero-padded to the padded input's
@@ -44,6 +46,7 @@ CANONICAL_SIZE = 224
 CANONICAL_LEVEL = 4
 TORCHVISION_EPS = 1e-6  # LevelMapper(eps=1e-6)
 DETECTRON2_EPS = 1e-8  # assign_boxes_to_levels
+SAMPLING_RATIOS = {"torchvision": 2, "detectron2": 0}  # MultiScaleRoIAlign(..., 2); POOLER_SAMPLING_RATIO = 0
 
 
 def framework_of(metadata: Mapping[str, Any], path: Path, framework: str | None = None) -> str:
@@ -127,6 +130,11 @@ class RegionRule:
         stored = torch.tensor(self.numbers, dtype=wanted.dtype)
         return torch.argmin((wanted[:, None] - stored[None, :]).abs(), dim=1)
 
+    @property
+    def sampling_ratio(self) -> int:
+        """The framework's own sampling points per bin (0: adaptive)."""
+        return SAMPLING_RATIOS[self.framework]
+
     def pool(
         self, maps: Mapping[str, np.ndarray], boxes: torch.Tensor, assignment: torch.Tensor, info: Mapping[str, Any],
         output_size: tuple[int, int], sampling_ratio: int,
@@ -182,9 +190,14 @@ def output_pair(output_size: int | Sequence[int]) -> tuple[int, int]:
 
 def roi_align(
     read: Callable[[Sequence[str]], Mapping[str, np.ndarray]], info: Mapping[str, Any], rule: RegionRule, boxes: Any,
-    output_size: int | Sequence[int], sampling_ratio: int,
+    output_size: int | Sequence[int], sampling_ratio: int | None,
 ) -> torch.Tensor:
-    """Pool ``boxes`` (original pixels) of one image; ``read(levels)`` returns its stored maps of those levels."""
+    """Pool ``boxes`` (original pixels) of one image; ``read(levels)`` returns its stored maps of those levels.
+    ``sampling_ratio`` None: the framework's own."""
+    if sampling_ratio is None:
+        sampling_ratio = rule.sampling_ratio
+    elif isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+        raise UsageError(f"sampling_ratio must be an int >= 0 (0: adaptive), got {sampling_ratio!r}")
     array = checked_boxes(boxes)
     size = output_pair(output_size)
     mapped = rule.to_input(array, info)
