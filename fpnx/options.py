@@ -147,8 +147,12 @@ def check_output(out: Path) -> None:
     """Before any weights are loaded: a bad --out should not cost a download."""
     if out.is_dir():
         raise UsageError(f"{out} is a folder; --out must be a file path such as features.h5")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"{out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: the folder {out.parent} is not writable")
 
 
 def check_output_is_not_an_input(out: Path, images: Sequence[Any]) -> None:
