@@ -146,12 +146,20 @@ def test_shards_then_merge_equal_one_run(reference, tmp_path):
     assert f"{len(IMAGES)} images ({len(IMAGES)} added from 2 of 2 shards)" in result.stdout
     assert leftovers(tmp_path, out) == []
     assert_matches(out, reference)
-    result = runner.invoke(app, ["merge", "--out", str(out)])  # again (a retried job step): nothing to do
-    assert result.exit_code == 0 and f"{len(IMAGES)} images, already merged from its 2 shards" in result.stdout
+    named = [str(shard_path(out, Shard(index, 2))) for index in (0, 1)]
+    for again in ([], named):  # again (a retried job step), as before or naming the shards: nothing to do
+        result = runner.invoke(app, ["merge", *again, "--out", str(out)])
+        assert result.exit_code == 0 and f"{len(IMAGES)} images, already merged from its 2 shards" in result.stdout
+    wrong_split = [str(shard_path(out, Shard(index, 3))) for index in (0, 1, 2)]
+    result = runner.invoke(app, ["merge", *wrong_split, "--out", str(out)])  # not how out was merged: missing
+    assert result.exit_code == 1 and "shard 0/3 is missing" in result.output
+    result = runner.invoke(app, ["merge", str(tmp_path / "typo.h5"), "--out", str(out)])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'typo.h5'} does not exist"
     assert_matches(out, reference)
     plain = tmp_path / "plain.h5"
     fpnx.extract([SAMPLES], plain, **COMMON)  # not made by a merge: no shards of it is still an error
-    assert runner.invoke(app, ["merge", "--out", str(plain)]).exit_code == 1
+    result = runner.invoke(app, ["merge", "--out", str(plain)])
+    assert result.exit_code == 1 and "plain.h5 is a finished file: nothing to merge into it" in result.output
 
 
 def test_missing_shard_is_named_and_nothing_is_merged(tmp_path):

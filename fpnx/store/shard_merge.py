@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError, UsageError
+from ..errors import MissingFileError, StoreError, UsageError
 from . import schema
 from .files import fsync_dir, remove_file
 from .location import count_images, locate_store, open_checked
@@ -61,16 +61,15 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     started = time.perf_counter()
     out = Path(out)
     check_merge_output(out)
-    if shards:
-        found = _identify([Path(p) for p in shards])
-    else:
-        available = find_shards(out)
-        finished = _finished_merge(out) if not available and out.exists() else None
-        if finished is not None:  # a rerun after a merge that finished (it removed the shards): nothing to do
-            count, images = finished
-            return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], images=images,
-                                images_added=0, seconds=time.perf_counter() - started)
-        found = _find_for(out, available)
+    given = [Path(p) for p in shards]
+    available = {} if given else find_shards(out)
+    finished = _finished_merge(out) if _all_gone(given, out) and not available and out.exists() else None
+    if finished is not None and all(shard_from_name(path)[0].count == finished[0] for path in given):
+        # a rerun after a merge that finished (it removed the shards, named or not): nothing to do
+        count, images = finished
+        return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], images=images,
+                            images_added=0, seconds=time.perf_counter() - started)
+    found = _identify(given) if given else _find_for(out, available)
     with hold_locks([out] + [item.path for item in found]):
         _check_all_finished(found)  # under the locks: no run can be adding to them now
         stores = [locate_store(item.path) for item in found]
@@ -102,6 +101,16 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
         images_added=after - before,
         seconds=time.perf_counter() - started,
     )
+
+
+def _all_gone(paths: Sequence[Path], out: Path) -> bool:
+    """Whether every path is named as a shard file of ``out`` (``OUT.shard-0000I-of-0000N.h5``) and is gone,
+    with its ``.parts`` (true of none)."""
+    for path in paths:
+        named = shard_from_name(path)
+        if named is None or named[1].absolute() != out.absolute() or path.exists() or parts_dir_for(path).exists():
+            return False
+    return True
 
 
 def _finished_merge(path: Path) -> tuple[int, int] | None:
@@ -161,9 +170,10 @@ def _identify(paths: list[Path]) -> list[_Found]:
 def _find_for(out: Path, found: dict[int, list[Path]]) -> list[_Found]:
     """Shards 0..N-1 of ``out`` from what :func:`find_shards` found next to it."""
     if not found:
+        finished = f" ({out} is a finished file: nothing to merge into it)" if out.is_file() else ""
         raise StoreError(
             f"no shards of {out} found: expected files such as {shard_path(out, Shard(0, 2)).name} in {out.parent} "
-            f"(written by fpnx extract --out {out} --shard I/N)"
+            f"(written by fpnx extract --out {out} --shard I/N){finished}"
         )
     if len(found) > 1:
         counts = " and ".join(str(count) for count in found)
@@ -189,7 +199,7 @@ def _shard_of_path(path: Path) -> Shard:
     if named is None:
         if path.exists():
             raise StoreError(f"{path} is not a shard file")
-        raise StoreError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     _refuse_absent(named[0], path)
     raise AssertionError("unreachable")
 
