@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temporary folder)")
     args = parser.parse_args()
+    if args.dir is not None and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: no such folder")
     print(f"fpnx {fpnx.__version__} from {Path(fpnx.__file__).parent}")
     print(f"{'input':>9} {'dtype':>8} {'images':>6} {'MB/image':>8} {'path':>7} {'images/s':>9} {'GB/s':>7} {'ratio':>6}")
     for case in args.cases:

@@ -105,7 +105,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same padded size only).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (IEEE, TF32 off), bf16, fp16 (overflow falls back to fp32) or tf32 (CUDA TF32 on).")] = "fp32",
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process. [default: 1 on the CPU, cores - 1 (at most 8) on a GPU]")] = None,
     min_size: Annotated[int, typer.Option(help="Shorter side after resizing.")] = 800,
     max_size: Annotated[int, typer.Option(help="Cap on the longer side after resizing.")] = 1333,
     pixel_order: Annotated[Optional[str], typer.Option(help="RGB or BGR; default: what the weights need.")] = None,

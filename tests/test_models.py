@@ -206,6 +206,17 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
             fpnx.build_model(path)
 
 
+def test_a_whole_pickled_model_says_to_save_its_state_dict(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(torch.nn.Conv2d(3, 4, 1), path)  # the model object, not its state_dict: loading it runs code
+    with pytest.raises(WeightsError) as caught:
+        fpnx.build_model(path)
+    assert str(caught.value) == (
+        f"{path}: refused to load checkpoint: it holds a pickled torch.nn.modules.conv.Conv2d object, not only "
+        "tensors, and loading it would run code; save its state_dict() instead (torch.save(model.state_dict(), path))"
+    )
+
+
 def test_missing_and_unexpected_keys_are_named(faster_rcnn, tmp_path):
     state = dict(faster_rcnn.state_dict())
     del state["backbone.body.layer3.2.conv2.weight"]

@@ -791,6 +791,10 @@ def test_other_settings_are_a_clear_error_and_never_a_mixed_file(tmp_path, model
         extract([images], unfinished, model, progress=interrupt_after(1), commit_every_s=3600)
     with pytest.raises(StoreError, match=r"unfinished.h5.parts was made with other settings: 'dtype' is 'float32' there, 'float16' in this run"):
         extract([images], unfinished, model, dtype="float16")
+    with pytest.raises(StoreError) as caught:  # the levels: in the option's words, not as channels.p2
+        extract([images], unfinished, model, levels=["p3", "p4"])
+    assert str(caught.value).startswith(f"{unfinished}.parts was made with other settings: 'levels' is ['p2', 'p3', "
+                                        "'p4', 'p5', 'p6'] there, ['p3', 'p4'] in this run")
     anew = extract([images], unfinished, model, dtype="float16", overwrite=True)
     assert anew.images_stored == 4 and anew.images_already_done == 0
     with fpnx.open_features(unfinished) as reader:

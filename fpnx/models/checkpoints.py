@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -52,11 +53,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: refused to load checkpoint: {error}") from None
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():  # torch.load(weights_only=True) met a non-tensor global
-            raise WeightsError(f"{path}: refused to load checkpoint: {first_line(error)}") from None
+            raise WeightsError(f"{path}: refused to load checkpoint: {_refused_global(error)}") from None
         raise WeightsError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first_line(error)}") from None
     except (EOFError, RuntimeError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
         raise WeightsError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first_line(error)}") from None
     return _tensors_only(path, _unwrap(state))
+
+
+def _refused_global(error: Exception) -> str:
+    """What torch's long weights-only refusal comes to: the class it would have had to run code to rebuild."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if found is None:
+        return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))  # without the terminal's bold on and off
+    return (f"it holds a pickled {found.group(1)} object, not only tensors, and loading it would run code; save "
+            f"its state_dict() instead (torch.save(model.state_dict(), path))")
 
 
 def _unwrap(state: object) -> object:

@@ -10,6 +10,9 @@ from ..errors import StoreError
 from .schema import Layout, normalize
 
 
+LEVEL_KEYS = ("levels", "channels", "strides")  # layout settings that follow from the chosen levels
+
+
 def full_settings(settings: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
     """The caller's settings plus the storage layout, JSON-normalised.
 
@@ -45,6 +48,8 @@ def check_settings(where: Path, found: Mapping[str, Any], expected: Mapping[str,
     difference = first_difference(dict(found), dict(expected))
     if difference:
         key, there, wanted = difference
+        if key.split(".")[0] in LEVEL_KEYS:  # the levels decide these: say so in the option's words
+            key, there, wanted = "levels", found.get("levels", there), expected.get("levels", wanted)
         raise StoreError(
             f"{where} was made with other settings: {key!r} is {there!r} there, {wanted!r} {expected_in}{advice}"
         )
