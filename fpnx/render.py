@@ -150,11 +150,12 @@ def print_shard_done(shard, out) -> None:
 
 
 def print_merge_summary(summary) -> None:
-    if not summary.merged and not summary.already_merged:
+    if not summary.merged and not summary.already_merged and not summary.nothing_new:
         Console().print(f"[bold]{escape(summary.out)}[/bold]: {summary.images} images, already merged from its "
                         f"{summary.count} shards; nothing to do", highlight=False, soft_wrap=True)
         return
     already = f", {len(summary.already_merged)} already merged" if summary.already_merged else ""
+    already += f", {len(summary.nothing_new)} with nothing new" if summary.nothing_new else ""
     Console().print(
         f"[bold]{escape(summary.out)}[/bold]: {summary.images} images ({summary.images_added} added from "
         f"{len(summary.merged)} of {summary.count} shards{already}) in {summary.seconds:.1f} s; shard files removed",

@@ -264,7 +264,9 @@ def test_incremental_runs_after_a_merge(reference, tmp_path):
     identity = os.stat(out).st_ino
     runs = [fpnx.extract([folder], out, shard=(index, 2), **COMMON) for index in (0, 1)]
     assert sum(run.images_stored for run in runs) == 0
-    assert merge_shards(out=out).images_added == 0
+    result = runner.invoke(app, ["merge", "--out", str(out), "--json"])
+    empty = json.loads(result.stdout)
+    assert (empty["images_added"], empty["already_merged"], empty["nothing_new"]) == (0, [], [str(s) for s in shards])
     assert os.stat(out).st_ino == identity  # nothing new: the merged file was not rewritten
     assert_matches(out, reference, IMAGES[:4])
 

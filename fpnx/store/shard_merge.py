@@ -36,6 +36,7 @@ class MergeSummary:
     count: int  # N, the number of shards
     merged: list[str]  # shard files copied into out
     already_merged: list[str]  # shard files out had absorbed before (a merge killed before its cleanup)
+    nothing_new: list[str]  # shard files that held no image or failure (out exists, so it is not rewritten for them)
     images: int  # images in out now
     images_added: int
     seconds: float
@@ -67,7 +68,7 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     if finished is not None and all(shard_from_name(path)[0].count == finished[0] for path in given):
         # a rerun after a merge that finished (it removed the shards, named or not): nothing to do
         count, images = finished
-        return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], images=images,
+        return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], nothing_new=[], images=images,
                             images_added=0, seconds=time.perf_counter() - started)
     found = _identify(given) if given else _find_for(out, available)
     with hold_locks([out] + [item.path for item in found]):
@@ -77,9 +78,9 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
         absorbed_before = absorbed_parts(previous.metadata) if previous is not None else set()
         before = _image_count(out) if previous is not None else 0
         ids = [store.attrs.get(schema.ATTR_PARTS_ID) for store in stores]
-        fresh = [i for i, parts_id in enumerate(ids) if parts_id is None or str(parts_id) not in absorbed_before]
-        if previous is not None:  # a rerun with nothing new must not rewrite a large file
-            fresh = [i for i in fresh if not _is_empty(found[i].path)]
+        unabsorbed = [i for i, parts_id in enumerate(ids) if parts_id is None or str(parts_id) not in absorbed_before]
+        empty = {i for i in unabsorbed if previous is not None and _is_empty(found[i].path)}
+        fresh = [i for i in unabsorbed if i not in empty]  # a rerun with nothing new must not rewrite a large file
         if fresh or previous is None:
             first = stores[0]
             metadata = {k: v for k, v in first.metadata.items() if k != SHARD_KEY}
@@ -96,7 +97,8 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
         out=str(out),
         count=len(found),
         merged=[str(found[i].path) for i in fresh],
-        already_merged=[str(item.path) for i, item in enumerate(found) if i not in fresh],
+        already_merged=[str(item.path) for i, item in enumerate(found) if i not in unabsorbed],
+        nothing_new=[str(found[i].path) for i in sorted(empty)],
         images=after,
         images_added=after - before,
         seconds=time.perf_counter() - started,
