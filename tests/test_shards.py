@@ -162,6 +162,16 @@ def test_shards_then_merge_equal_one_run(reference, tmp_path):
     assert result.exit_code == 1 and "plain.h5 is a finished file: nothing to merge into it" in result.output
 
 
+def test_a_merged_file_records_the_command_that_adds_to_it(tmp_path):
+    out = tmp_path / "feats.h5"
+    for index, shard in enumerate(("--shard 0/2", "--shard=1/2")):
+        fpnx.extract([SAMPLES], out, shard=(index, 2), command=f"fpnx extract photos --out {out} {shard} --json",
+                     **COMMON)
+    merge_shards(out=out)
+    with fpnx.open_features(out) as reader:  # the first shard's command without --shard: a plain run adds to out
+        assert reader.metadata["command"] == f"fpnx extract photos --out {out} --json"
+
+
 def test_missing_shard_is_named_and_nothing_is_merged(tmp_path):
     out = tmp_path / "feats.h5"
     fpnx.extract([SAMPLES], out, shard=(1, 2), **COMMON)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
         if fresh or previous is None:
             first = stores[0]
             metadata = {k: v for k, v in first.metadata.items() if k != SHARD_KEY}
+            if isinstance(metadata.get("command"), str):  # the command that adds to the merged file: no --shard
+                metadata["command"] = re.sub(r"\s--shard(?:=|\s+)\S+", "", metadata["command"])
             metadata[MERGED_KEY] = {"count": len(found), "absorbed": sorted(str(i) for i in ids if i is not None)}
             attrs = schema.root_attributes(first.layout, first.settings, metadata)
             merging = ([previous] if previous is not None else []) + [stores[i] for i in fresh]
