@@ -359,19 +359,55 @@ def test_fp32_keeps_cuda_tf32_off_and_tf32_turns_it_on():
     """PyTorch lets cuDNN use TF32 for fp32 convolutions by default (about 1e-3 off): fpnx's fp32 is IEEE fp32."""
     from fpnx.models import autocast
 
-    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = conv.allow_tf32, matmul.allow_tf32
+    flags = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    if all(hasattr(flag, "fp32_precision") for flag in flags):  # PyTorch's flags, set and read as fpnx does
+        def state():
+            return [flag.fp32_precision for flag in flags]
+        off, on = ["ieee"] * 3, ["tf32"] * 3
+    else:  # an older PyTorch: only the allow_tf32 flags
+        def state():
+            return [torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32]
+        off, on = [False] * 2, [True] * 2
+    saved = state()
     try:
-        conv.allow_tf32 = matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch's cuDNN default
+        before = state()
         with autocast("cuda", "fp32"):
-            assert (conv.allow_tf32, matmul.allow_tf32) == (False, False)
-        assert (conv.allow_tf32, matmul.allow_tf32) == (True, True)
-        conv.allow_tf32 = matmul.allow_tf32 = False
+            assert state() == off
+        assert state() == before
         with autocast("cuda", "tf32"):
-            assert (conv.allow_tf32, matmul.allow_tf32) == (True, True)
-        assert (conv.allow_tf32, matmul.allow_tf32) == (False, False)
+            assert state() == on
+        assert state() == before
     finally:
-        conv.allow_tf32, matmul.allow_tf32 = saved
+        for flag, value in zip(flags, saved):
+            if isinstance(value, str):
+                flag.fp32_precision = value
+        if not isinstance(saved[0], str):
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_tf32_switch_after_pytorchs_newer_tf32_flags_were_used():
+    """Once a program sets PyTorch's fp32_precision flags (set_float32_matmul_precision does), reading the older
+    allow_tf32 flags raises: fpnx's switch must work then too, and leave every flag as it found it."""
+    from fpnx.models import autocast
+
+    flags = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    if not all(hasattr(flag, "fp32_precision") for flag in flags):
+        pytest.skip("this PyTorch has no fp32_precision flags")
+    saved, matmul_precision = [flag.fp32_precision for flag in flags], torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        before = [flag.fp32_precision for flag in flags]
+        for precision, inside in (("fp32", "ieee"), ("tf32", "tf32")):
+            with autocast("cuda", precision):
+                assert [flag.fp32_precision for flag in flags] == [inside] * 3
+            assert [flag.fp32_precision for flag in flags] == before
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        for flag, value in zip(flags, saved):
+            flag.fp32_precision = value
 
 
 @pytest.mark.parametrize("eps", [-1e-5, float("nan")])

@@ -42,13 +42,27 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 on or off for CUDA matmuls and cuDNN, put back as it was. Through the ``fp32_precision`` flags where
+    PyTorch has them: once any of them was set (by the user, or ``set_float32_matmul_precision``), reading the
+    older ``allow_tf32`` flags raises."""
+    flags = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    if all(hasattr(flag, "fp32_precision") for flag in flags):
+        saved = [flag.fp32_precision for flag in flags]
+        for flag in flags:
+            flag.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            for flag, value in zip(flags, saved):
+                flag.fp32_precision = value
+        return
     conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = conv.allow_tf32, matmul.allow_tf32
+    saved_legacy = conv.allow_tf32, matmul.allow_tf32
     conv.allow_tf32 = matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        conv.allow_tf32, matmul.allow_tf32 = saved
+        conv.allow_tf32, matmul.allow_tf32 = saved_legacy
 
 
 def cpu_has_native_bf16() -> bool:
