@@ -114,9 +114,9 @@ class _Launched:
     batch: list[LoadedImage]
     inputs: torch.Tensor
     outputs: dict[str, torch.Tensor]
-    finite: torch.Tensor | None
+    finite: torch.Tensor | None  # reduced precision: no NaN/inf in the outputs (on CUDA, in pinned host memory)
     started: float
-    events: tuple | None  # CUDA: events before preprocessing, before the forward
+    events: tuple | None  # CUDA: events before preprocessing, before the forward, after it
 
 
 class ExtractRun:
@@ -196,29 +196,36 @@ class ExtractRun:
             self.timings["decode"] += item.decode_s
             self.timings["preprocess"] += item.preprocess_s
         started = time.perf_counter()
-        events = self._events(2)
+        events = self._events(3)
         inputs = self.stage.inputs(batch)
         if events:
             events[1].record(torch.cuda.current_stream(self.device))
         with _threads(self._compute_threads):
             outputs = run_model(self.model, inputs, self.options.precision)
         reduced = PRECISIONS[self.options.precision] is not None
-        return _Launched(batch, inputs, outputs, all_finite(outputs) if reduced else None, started, events)
+        finite = all_finite(outputs) if reduced else None
+        if finite is not None and events:  # read later without waiting for the batches queued after this one
+            finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        if events:  # the forward (and that copy) ends here, before the next batch is queued behind it
+            events[2].record(torch.cuda.current_stream(self.device))
+        return _Launched(batch, inputs, outputs, finite, started, events)
 
     def _complete(self, launched: _Launched) -> None:
         """Overflow check (fp32 again if needed), crops cast on the device, on their way to the writer thread."""
-        outputs = launched.outputs
+        outputs, events = launched.outputs, launched.events
+        if launched.finite is not None and events:
+            events[2].synchronize()  # this batch's forward only: bool() on the device would wait for the next too
         if launched.finite is not None and not bool(launched.finite):
             with _threads(self._compute_threads):
                 outputs = run_model(self.model, launched.inputs, "fp32")
             self.fp32_fallbacks += 1
+            if events:  # the fp32 forward counts too
+                events = (*events[:2], self._events(1)[0])
         features = self.stage.to_host([self._image_outputs(outputs, index, item)
                                        for index, item in enumerate(launched.batch)])
         self.stage.release(launched.batch)
-        if launched.events:
-            done = torch.cuda.Event(enable_timing=True)
-            done.record(torch.cuda.current_stream(self.device))
-            self._gpu_spans.append((*launched.events, done))
+        if events:
+            self._gpu_spans.append(events)
             if len(self._gpu_spans) >= 2 * SETTLED_SPANS:  # long done: read them, keep the list short
                 self._settle_spans(self._gpu_spans[:SETTLED_SPANS])
                 del self._gpu_spans[:SETTLED_SPANS]
