@@ -15,6 +15,7 @@ import torch
 
 import fpnx
 import hostile_files as hostile
+from fpnx.loader import slots
 from fpnx.run import pipeline
 from fpnx.run.staging import CudaStage
 
@@ -116,3 +117,25 @@ def test_the_cuda_stage_stores_exactly_what_the_cpu_stage_stores(tmp_path, cuda_
     # the staging ring (4 buffers) plus a bounded pool of output buffers, all handed back and reused
     outputs = len(pinned) - 4
     assert 0 < outputs <= 2 + pipeline.WRITE_QUEUE + 2
+
+
+def test_images_larger_than_the_staging_buffers_grow_them(tmp_path, cuda_stage_on_the_cpu, monkeypatch):
+    """Photos beyond the slots and the pinned ring (12 MP at most there, by default) go through a ring buffer grown
+    to them, never an ordinary copy that would wait for the GPU; features as on the CPU."""
+    monkeypatch.setattr(slots, "DEVICE_SLOT_PIXELS", 40 * 40)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, (height, width) in enumerate([(48, 64), (30, 30), (64, 64), (48, 64)]):
+        hostile.photo(images / f"{k}.png", height, width, seed=k)
+    options = dict(model=fpnx.build_model("random"), device="cpu", batch_size=2, workers=1, **SIZES)
+    fpnx.extract([images], tmp_path / "cpu.h5", **options)
+    switch, pinned = cuda_stage_on_the_cpu
+    switch()
+    fpnx.extract([images], tmp_path / "staged.h5", **options)
+    expected, got = read_all(tmp_path / "cpu.h5"), read_all(tmp_path / "staged.h5")
+    assert got["infos"] == expected["infos"]
+    for source, levels in expected["maps"].items():
+        for level, array in levels.items():
+            assert np.array_equal(got["maps"][source][level], array), (source, level)
+    staging = [tensor.numel() for tensor in pinned if tensor.dtype == torch.uint8 and tensor.dim() == 1]
+    assert staging[:4] == [3 * 40 * 40] * 4 and 3 * 64 * 64 in staging[4:]  # the ring, then the grown buffer

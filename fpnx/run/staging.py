@@ -99,7 +99,8 @@ class CudaStage:
 
     def _send(self, pixels: np.ndarray) -> torch.Tensor:
         """``pixels`` on the device: through the next of a ring of reused pinned buffers and the copy stream,
-        which compute waits for. An image larger than the buffers takes an ordinary (synchronous) copy."""
+        which compute waits for. A buffer too small for an image grows to it: an ordinary copy from pageable
+        memory would run on the compute stream and make the host wait for every forward queued there."""
         source = pixels_tensor(pixels)
         if not self._staging:
             size = self.loader.slot_bytes or slot_size(self.spec, finished=False)
@@ -107,10 +108,10 @@ class CudaStage:
         index = self._next_staging
         self._next_staging = (index + 1) % len(self._staging)
         buffer, last_copy = self._staging[index]
-        if source.numel() > buffer.numel():
-            return source.to(self.device)
         if last_copy is not None:  # the buffer's previous image must be on its way first
             last_copy.synchronize()
+        if source.numel() > buffer.numel():  # a large photo: this buffer grows to it, and is reused so
+            buffer = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True)
         host = buffer[: source.numel()].view(source.shape)
         host.copy_(source)
         with torch.cuda.stream(self.uploads):
