@@ -352,9 +352,22 @@ def finish(arguments: list[str], **options) -> subprocess.CompletedProcess:
     return subprocess.run(arguments, capture_output=True, text=True, env=environment(), timeout=300, **options)
 
 
+def wait_until_caught(pid: int, signum: int, timeout_s: float = 60.0) -> None:
+    """Until process ``pid`` has a handler for ``signum`` (Linux: SigCgt in /proc/PID/status). fpnx's entry point
+    takes SIGTERM over first thing; before it runs (Python's start and ``import fpnx``: tens of milliseconds, more
+    on a busy machine) a signal ends Python its own way."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (signum - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never caught signal {signum}")
+
+
 # 130, or ended by the SIGINT itself, which a shell reports as 130 too (rarely, an interrupt caught while torch is
-# imported still ends Python that way: 2 of 24 tries here); a SIGTERM is taken over once Python runs fpnx's entry
-# point (~0.1 s), and ends the command as Ctrl-C does, with 143
+# imported still ends Python that way: 2 of 24 tries here); a SIGTERM ends the command as Ctrl-C does, with 143
 @pytest.mark.parametrize(("signum", "after_s", "codes"), [
     (signal.SIGINT, 0.15, (130, -signal.SIGINT)), (signal.SIGINT, 0.6, (130, -signal.SIGINT)),
     (signal.SIGTERM, 0.4, (143,)), (signal.SIGTERM, 0.8, (143,)),
@@ -365,6 +378,7 @@ def test_a_signal_while_python_imports_the_command_prints_one_line(tmp_path, sig
     images = folder(tmp_path)
     photos(images, 2)
     process = start(command(images, tmp_path / "out.h5"), tmp_path / "log")
+    wait_until_caught(process.pid, signal.SIGTERM)  # fpnx's entry point runs: from here on, one line
     time.sleep(after_s)
     process.send_signal(signum)
     assert process.wait(timeout=120) in codes
