@@ -147,6 +147,8 @@ def check_output(out: Path) -> None:
     """Before any weights are loaded: a bad --out should not cost a download."""
     if out.is_dir():
         raise UsageError(f"{out} is a folder; --out must be a file path such as features.h5")
+    if out.exists() and not out.is_file():  # a device or pipe: never "started anew" by removing it
+        raise UsageError(f"{out} is not a regular file; --out must be a file path such as features.h5")
     if out.parent.exists() and not out.parent.is_dir():
         raise UsageError(f"{out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():

@@ -266,16 +266,20 @@ def test_cli_output_is_a_folder(tmp_path):
     assert result.exit_code == 2 and "folder" in result.output
 
 
-@pytest.mark.parametrize("where", ["proc", "file as folder"])
+@pytest.mark.parametrize("where", ["proc", "file as folder", "device"])
 def test_cli_output_where_nothing_can_be_written(tmp_path, where):
     """One line and exit 2, before anything is extracted: a special file system, a file named as a folder."""
     (tmp_path / "notes.txt").write_text("")
-    out = {"proc": Path("/proc/fpnx-test.h5"), "file as folder": tmp_path / "notes.txt" / "f.h5"}[where]
+    os.mkfifo(tmp_path / "pipe")  # not a regular file, as /dev/null: never removed, even with --overwrite
+    out = {"proc": Path("/proc/fpnx-test.h5"), "file as folder": tmp_path / "notes.txt" / "f.h5",
+           "device": tmp_path / "pipe"}[where]
     result = runner.invoke(app, ["extract", str(SAMPLES / "rocket.jpg"), "--out", str(out), "--weights", "random",
-                                 "--min-size", "64", "--max-size", "96", "--workers", "0"])
+                                 "--min-size", "64", "--max-size", "96", "--workers", "0", "--overwrite"])
     assert result.exit_code == 2, result.output
-    message = {"proc": f"cannot write {out}: ", "file as folder": f"{out}: {out.parent} is a file, not a folder"}
+    message = {"proc": f"cannot write {out}: ", "file as folder": f"{out}: {out.parent} is a file, not a folder",
+               "device": f"{out} is not a regular file"}  # and --overwrite never removes it
     assert result.output.strip().splitlines() == [result.output.strip()] and message[where] in result.output
+    assert (tmp_path / "pipe").is_fifo()
 
 
 def test_real_subprocess(tmp_path):

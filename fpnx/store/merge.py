@@ -62,6 +62,8 @@ def check_merge_output(out: Path) -> None:
     """Before any work: the merged file's path must be a file path in an existing folder."""
     if out.is_dir():
         raise UsageError(f"{out} is a folder; the merged output must be a file path such as features.h5")
+    if out.exists() and not out.is_file():  # a device or pipe: never replaced
+        raise UsageError(f"{out} is not a regular file; the merged output must be a file path such as features.h5")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: the folder {out.parent} does not exist")
 
