@@ -112,7 +112,7 @@ def test_a_reader_and_plain_h5py_share_a_file_in_one_process(small):
         expected = reader[0]
         with h5py.File(small, "r") as h5:
             assert h5.attrs["format"] == reader.attrs["format"]
-    for options in ({}, {"locking": False}):  # the other way round, also without HDF5's locks
+    for options in ({}, {"locking": False}, {"locking": True}):  # the other way round, any locking setting
         with h5py.File(small, "r", **options) as h5, open_features(small) as reader:
             assert_same(reader[0], expected)
             assert len(h5["images"]["source"]) == len(reader)

@@ -47,6 +47,9 @@ def open_h5(path: Path) -> h5py.File:
     try:
         return open_read_only(path, rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
     except OSError as error:
+        if "locking flag values" in str(error):
+            raise StoreError(f"{path} is open in this process with HDF5 file-locking settings fpnx cannot match; "
+                             f"open it there with h5py.File(path, 'r') (the default) to read it with fpnx too") from None
         if not h5py.is_hdf5(path):
             raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
         raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({first_line(error, 'unreadable')})") from None
@@ -58,8 +61,13 @@ def open_read_only(path: Path, **options: Any) -> h5py.File:
     (some network file systems) or where the file is already open without them."""
     try:
         return h5py.File(path, "r", **options)
-    except OSError:
-        return h5py.File(path, "r", locking=False, **options)
+    except OSError as first:
+        for locking in (False, True):  # where locks fail, or as the file is already open here
+            try:
+                return h5py.File(path, "r", locking=locking, **options)
+            except OSError:
+                pass
+        raise first
 
 
 def hard_child(group: h5py.Group, name: str, kind: type, path: Path) -> Any:
