@@ -16,10 +16,12 @@ failed=""
 fail() { failed="$failed;$1"; echo "  FAILED: $1 (see its log)"; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 \
     || echo "pip install failed (see install.log); running from the checkout through PYTHONPATH"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "(no nvidia-smi)"; } 2>&1 \
+    | tee "$LOGS/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'cuda', torch.cuda.is_available())" | tee -a "$LOGS/gpu.txt"
-python3 -c "import torch; assert torch.cuda.is_available()" || { echo "torch sees no CUDA GPU"; exit 1; }
+python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" \
+    || { echo "torch sees no CUDA GPU"; rm -rf "$LOGS"; exit 1; }
 
 step() { echo "== $1 ($(date +%T))"; }
 # every step stops by the deadline: the whole check stays inside 8 minutes (the device tool's calls end at 10)
@@ -70,6 +72,6 @@ combined["gpu"] = (logs / "gpu.txt").read_text() if (logs / "gpu.txt").exists() 
 (results / "gpu_check.json").write_text(json.dumps(combined, indent=2))
 print("results:", results / "gpu_check.json")
 PY
-tar -czf "$RESULTS/logs.tar.gz" -C "$LOGS" .
+tar -czf "$RESULTS/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
 if [ -n "$failed" ]; then echo "FAILED: ${failed#;}"; exit 1; fi
 echo "every step passed"

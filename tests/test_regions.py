@@ -180,6 +180,7 @@ def test_the_framework_decides(stores):
         assert reader.roi_align(0, boxes[:1], output_size=(3, 5), sampling_ratio=0).shape == (1, 256, 3, 5)
         # each framework samples as its own detectors do: torchvision 2 points per bin, detectron2 adaptively
         assert torch.equal(own, reader.roi_align(0, boxes, sampling_ratio=2))
+        assert torch.equal(own, reader.roi_align(0, boxes, sampling_ratio=np.int64(2)))  # as positions take them
         theirs = reader.roi_align(0, boxes, framework="detectron2")
         assert torch.equal(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=0))
         assert not torch.allclose(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=2))

@@ -196,8 +196,10 @@ def roi_align(
     ``sampling_ratio`` None: the framework's own."""
     if sampling_ratio is None:
         sampling_ratio = rule.sampling_ratio
-    elif isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+    elif isinstance(sampling_ratio, (bool, np.bool_)) or not isinstance(sampling_ratio, (int, np.integer)) \
+            or sampling_ratio < 0:
         raise UsageError(f"sampling_ratio must be an int >= 0 (0: adaptive), got {sampling_ratio!r}")
+    sampling_ratio = int(sampling_ratio)
     array = checked_boxes(boxes)
     size = output_pair(output_size)
     mapped = rule.to_input(array, info)
