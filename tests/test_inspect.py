@@ -285,7 +285,7 @@ def test_plot_without_the_input_image_says_so(tmp_path):
     result = invoke("inspect", path, "--plot", tmp_path / "typo" / "fig.png")
     assert result.exit_code == 2 and "does not exist" in error_line(result) and not (tmp_path / "typo").exists()
     result = invoke("inspect", path, "--plot", out, "--image-root", tmp_path / "typo")  # not every image missing
-    assert result.exit_code == 2 and error_line(result) == f"error: --image-root {tmp_path / 'typo'}: no such folder"
+    assert result.exit_code == 2 and error_line(result) == f"error: --image-root {tmp_path / 'typo'}: not a folder"
 
 
 def test_plot_finds_the_input_from_another_folder_after_shards_and_a_merge(photos, tmp_path, monkeypatch):

@@ -158,7 +158,7 @@ def plot_features(
     if not out.parent.is_dir():  # as extract's --out: a mistyped folder is not created
         raise UsageError(f"{out}: the folder {out.parent} does not exist")
     if image_root is not None and not Path(image_root).is_dir():  # else every image would be "not found"
-        raise UsageError(f"--image-root {image_root}: no such folder")
+        raise UsageError(f"--image-root {image_root}: not a folder")
     with open_features(path) as reader:
         if len(reader) == 0:
             raise UsageError(f"{path} holds no images to plot")
