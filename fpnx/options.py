@@ -143,20 +143,6 @@ def check_precision(precision: str) -> None:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def check_output(out: Path) -> None:
-    """Before any weights are loaded: a bad --out should not cost a download."""
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; --out must be a file path such as features.h5")
-    if out.exists() and not out.is_file():  # a device or pipe: never "started anew" by removing it
-        raise UsageError(f"{out} is not a regular file; --out must be a file path such as features.h5")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UsageError(f"{out}: {out.parent} is a file, not a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: the folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {out}: the folder {out.parent} is not writable")
-
-
 def check_output_is_not_an_input(out: Path, images: Sequence[Any]) -> None:
     """An ``--out`` that names one of the input images would be replaced by the features: refused."""
     if not out.exists():

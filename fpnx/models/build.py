@@ -33,7 +33,8 @@ class FeaturePyramid(FPN):
 
 
 def check_bn_eps(bn_eps: float, name: str = "bn_eps") -> None:
-    """A batch-norm eps is 0 or more; a negative one gives NaN features, and a NaN one can never be resumed (NaN != NaN)."""
+    """A batch-norm eps is 0 or more: a negative one gives NaN features, and a NaN one can never be resumed (NaN is
+    never equal to itself)."""
     if not bn_eps >= 0:  # NaN too
         raise UsageError(f"{name} must be 0 or more, got {bn_eps}")
 

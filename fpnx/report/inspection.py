@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import StoreError, UsageError, display_path
 from ..store import FeatureReader, open_features
 from ..store.location import locate_store
-from ..store.parts import PARTS_SUFFIX, early_merge_path
+from ..store.parts import early_merge_path, output_for_parts
 from ..store.storefile import open_store_file
 from .levels import LevelReport, level_reports
 from .links import LinkInfo, links_of
@@ -202,7 +202,7 @@ def _stored_bytes(files: list[Path], levels: list[str]) -> dict[str, int]:
 def _size_on_disk(path: Path) -> int:
     if not path.is_dir():
         return os.path.getsize(path)
-    data_file = early_merge_path(path.with_name(path.name.removesuffix(PARTS_SUFFIX)))
+    data_file = early_merge_path(output_for_parts(path) or path)
     total = os.path.getsize(data_file) if data_file.is_file() else 0  # where segments may keep their blocks
     for entry in os.scandir(path):
         if entry.is_file(follow_symlinks=False):

@@ -26,11 +26,12 @@ from ..models import (
     FeaturePyramid, build_model, optimize_for_inference, pooled_vectors, resolve_device, valid_regions,
 )  # fmt: skip
 from ..models.inference import PRECISIONS, all_finite, float16_overflows, run_model
-from ..options import ExtractOptions, check_output, check_output_is_not_an_input, run_metadata
+from ..options import ExtractOptions, check_output_is_not_an_input, run_metadata
 from ..report.levels import level_reports
 from ..sources import discover
 from ..store import FeatureWriter, ImageRecord
 from ..store.background import WRITE_QUEUE, BackgroundWriter
+from ..store.merge import check_output_path
 from ..store.shards import SHARD_KEY, prepare_shard
 from .progress import Progress, progress_reporter
 from .staging import CudaStage, HostStage, max_output_bytes
@@ -44,7 +45,7 @@ def extract_one(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, opt
     its own file next to ``out`` (:func:`~fpnx.store.shards.shard_path`); images a finished ``out`` holds count
     as done. Ctrl-C and SIGTERM raise :class:`Interrupted` after keeping everything finished.
     """
-    check_output(Path(out))
+    check_output_path(Path(out), "--out")  # before any weights are loaded: a bad --out costs no download
     started = time.perf_counter()
     device = resolve_device(options.device)
     discovery = discover(inputs, archives=options.archives)

@@ -43,7 +43,7 @@ def merge_stores(
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UsageError("merge needs at least one input")
-    check_merge_output(out)
+    check_output_path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; --overwrite replaces it")
     lock = OutputLock(out)
@@ -58,14 +58,19 @@ def merge_stores(
     return out
 
 
-def check_merge_output(out: Path) -> None:
-    """Before any work: the merged file's path must be a file path in an existing folder."""
+def check_output_path(out: Path, what: str = "the merged output") -> None:
+    """Before any work (and any download): ``out`` must be a regular file path (or none yet) in an existing folder
+    this process may write in. ``what`` names it in the messages (``--out`` for extract)."""
     if out.is_dir():
-        raise UsageError(f"{out} is a folder; the merged output must be a file path such as features.h5")
-    if out.exists() and not out.is_file():  # a device or pipe: never replaced
-        raise UsageError(f"{out} is not a regular file; the merged output must be a file path such as features.h5")
+        raise UsageError(f"{out} is a folder; {what} must be a file path such as features.h5")
+    if out.exists() and not out.is_file():  # a device or pipe: never "started anew" by removing it
+        raise UsageError(f"{out} is not a regular file; {what} must be a file path such as features.h5")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"{out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: the folder {out.parent} is not writable")
 
 
 def merge_into(

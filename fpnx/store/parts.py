@@ -26,6 +26,13 @@ def parts_dir_for(output: Path) -> Path:
     return output.with_name(output.name + PARTS_SUFFIX)
 
 
+def output_for_parts(parts: Path) -> Path | None:
+    """``OUT.h5`` for ``OUT.h5.parts`` (the inverse of :func:`parts_dir_for`); None for another name."""
+    if not parts.name.endswith(PARTS_SUFFIX) or parts.name == PARTS_SUFFIX:
+        return None
+    return parts.with_name(parts.name[: -len(PARTS_SUFFIX)])
+
+
 def tmp_path_for(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
@@ -56,7 +63,7 @@ def refers_to_own_data_file(segment: Path, names: set[bytes]) -> bool:
     if not (names and in_parts_folder(segment)):
         return False
     parts = segment.parent
-    early = os.fsencode(os.path.realpath(early_merge_path(parts.with_name(parts.name[: -len(PARTS_SUFFIX)]))))
+    early = os.fsencode(os.path.realpath(early_merge_path(output_for_parts(parts))))
     folder = os.fsencode(os.path.realpath(parts))
     return all(name == early or (os.path.dirname(name) == folder
                                  and is_data_file_name(os.fsdecode(os.path.basename(name))))

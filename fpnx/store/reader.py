@@ -25,7 +25,7 @@ from ..errors import StoreError, UsageError
 from . import schema
 from .handles import Identity, OpenFiles, file_identity, identity_of
 from .location import StoreLocation, load_file, locate_store
-from .parts import PARTS_SUFFIX
+from .parts import output_for_parts
 from .regions import RegionRule, roi_align
 from .storefile import Index, combine_failures, problems_as_store_errors
 
@@ -83,7 +83,8 @@ class FeatureReader:
         self.attrs: dict[str, Any] = target.attrs
         # absolute: a training script that changes its working directory (Hydra, output folders) keeps reading
         self._paths = [file.absolute() for file in target.files]
-        self._output = _output_of_parts(self.path.absolute())  # a .parts folder's output, whose finalize ends what it shows
+        # a .parts folder's output: once its finalize has replaced it, the folder's files are gone
+        self._output = output_for_parts(self.path.absolute()) if self.path.is_dir() else None
         self._output_identity = _identity_or_none(self._output)
         self._identity: list[Identity] = []
         self._handles: OpenFiles | None = None
@@ -99,7 +100,7 @@ class FeatureReader:
             self._index = _Rows.of(indexes, self.layout, self.path)
         except FileNotFoundError:
             self.close()
-            raise self._finished_error(self._output) from None
+            raise self._finished_error() from None
         except BaseException:
             self.close()
             raise
@@ -166,7 +167,8 @@ class FeatureReader:
         ``info(key)["height"]``, ``["width"]``). Each box is mapped to the network input, assigned a level among
         the stored P2-P5 and sampled with ``torchvision.ops.roi_align`` exactly as the weights' framework does
         (torchvision: ``MultiScaleRoIAlign``, 2 samples per bin; detectron2: ``ROIPooler`` with ``ROIAlignV2``,
-        adaptive sampling, 0); ``framework`` overrides the recorded one, ``sampling_ratio`` its sampling. Near the bottom and right edges see :mod:`fpnx.store.regions`.
+        adaptive sampling, 0); ``framework`` overrides the recorded one, ``sampling_ratio`` its sampling. Near the
+        bottom and right edges see :mod:`fpnx.store.regions`.
         """
         rule = RegionRule.of(self.layout, self.metadata, self.path, framework)
         return roi_align(lambda levels: self.read(key, levels), self.info(key), rule, boxes, output_size, sampling_ratio)
@@ -286,10 +288,10 @@ class FeatureReader:
         except StoreError:
             if self._output is None or _identity_or_none(self._output) == self._output_identity:
                 raise
-            raise self._finished_error(self._output) from None
+            raise self._finished_error() from None
 
-    def _finished_error(self, output: Path | None) -> StoreError:
-        where = f" {output}" if output is not None else ""
+    def _finished_error(self) -> StoreError:
+        where = f" {self._output}" if self._output is not None else ""
         return StoreError(f"{self.path} changed while being read: its run has finished; open the output{where}")
 
     def _position(self, key: int | str) -> int:
@@ -302,13 +304,6 @@ class FeatureReader:
         if not -count <= i < count:
             raise IndexError(f"image {i} is out of range: {self.path} holds {count} images")
         return i % count
-
-
-def _output_of_parts(path: Path) -> Path | None:
-    """``OUT.h5`` for ``OUT.h5.parts`` (a folder); None for anything else."""
-    if path.is_dir() and path.name.endswith(PARTS_SUFFIX) and len(path.name) > len(PARTS_SUFFIX):
-        return path.with_name(path.name[: -len(PARTS_SUFFIX)])
-    return None
 
 
 def _identity_or_none(path: Path | None) -> Identity | None:

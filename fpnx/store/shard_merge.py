@@ -22,8 +22,8 @@ from . import schema
 from .files import fsync_dir, remove_file
 from .location import count_images, locate_store, open_checked
 from .lock import hold_locks
-from .merge import check_merge_output, merge_into
-from .parts import Manifest, parts_dir_for
+from .merge import check_output_path, merge_into
+from .parts import Manifest, output_for_parts, parts_dir_for
 from .shards import (
     MERGED_KEY, SHARD_KEY, Shard, absorbed_parts, find_shards, shard_from_name, shard_path,
 )  # fmt: skip
@@ -62,7 +62,7 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     """
     started = time.perf_counter()
     out = Path(out)
-    check_merge_output(out)
+    check_output_path(out)
     given = [Path(p) for p in shards]
     available = {} if given else find_shards(out)
     finished = _finished_merge(out) if _all_gone(given, out) and not available and out.exists() else None
@@ -151,8 +151,8 @@ def _identify(paths: list[Path]) -> list[_Found]:
     """The shard each given path is (its metadata, or its name if it is not finished), all of one split, complete."""
     found: list[_Found] = []
     for path in paths:
-        if path.name.endswith(".parts") and path.is_dir():
-            path = path.with_name(path.name.removesuffix(".parts"))
+        if path.is_dir() and output_for_parts(path) is not None:
+            path = output_for_parts(path)
         found.append(_Found(_shard_of_path(path), path))
     counts = sorted({item.shard.count for item in found})
     if len(counts) > 1:

@@ -48,8 +48,8 @@ def open_h5(path: Path) -> h5py.File:
         return open_read_only(path, rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
     except OSError as error:
         if "locking flag values" in str(error):
-            raise StoreError(f"{path} is open in this process with HDF5 file-locking settings fpnx cannot match; "
-                             f"open it there with h5py.File(path, 'r') (the default) to read it with fpnx too") from None
+            raise StoreError(f"{path} is open in this process with HDF5 file-locking settings fpnx cannot match; open "
+                             f"it there with h5py.File(path, 'r') (the default) to read it with fpnx too") from None
         if not h5py.is_hdf5(path):
             raise StoreError(f"{path} is not an fpnx feature file (not HDF5)") from None
         raise StoreError(f"{path} is a damaged HDF5 file, perhaps truncated ({first_line(error, 'unreadable')})") from None
@@ -57,8 +57,8 @@ def open_h5(path: Path) -> h5py.File:
 
 def open_read_only(path: Path, **options: Any) -> h5py.File:
     """``h5py.File(path, "r")`` with HDF5's default file locking, as a user's own ``h5py.File`` opens it (HDF5
-    refuses a second open of a file in one process with other locking settings); without locks where they fail
-    (some network file systems) or where the file is already open without them."""
+    refuses a second open of a file in one process with other locking settings); else without locks (they fail on
+    some network file systems, or the file is open here without them), else with locks forced on (open so here)."""
     try:
         return h5py.File(path, "r", **options)
     except OSError as first:
