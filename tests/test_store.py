@@ -786,6 +786,72 @@ def test_background_writer_does_idle_work_between_images_and_stops_promptly():
     assert pieces[0] == 0 and pieces[-1] == 3  # before the images came, and after they were written
 
 
+def test_background_writer_queues_small_images_while_a_commit_holds_the_thread():
+    """A commit's fsync holds the writer thread for tenths of a second: small images keep being queued meanwhile
+    (up to ``max_bytes``), large ones stop the producer after ``depth`` images (backpressure)."""
+    from fpnx.store.background import BackgroundWriter
+
+    held = threading.Event()
+    written = []
+
+    class Held:
+        def add(self, record, features, pooled=None):
+            held.wait(10)
+            written.append(record.source)
+
+    def add_in_thread(background, count, nbytes):
+        added = []
+
+        def produce():
+            for k in range(count):
+                background.add(image(k)[0], {"p5": np.zeros(nbytes, np.uint8)})
+                added.append(k)
+
+        producer = threading.Thread(target=produce, daemon=True)
+        producer.start()
+        producer.join(1.0)
+        return added, producer
+
+    small = BackgroundWriter(Held(), on_written=lambda: None, depth=2, max_bytes=10_000)
+    added, _ = add_in_thread(small, 20, 100)
+    assert len(added) == 20  # 2 KB in all: none waits
+    held.set()
+    small.stop()
+    assert len(written) == 20
+
+    held.clear()
+    large = BackgroundWriter(Held(), on_written=lambda: None, depth=2, max_bytes=10_000)
+    added, producer = add_in_thread(large, 6, 8_000)
+    assert len(added) == 3  # one in the thread's hands, two queued; the fourth waits for room
+    held.set()
+    producer.join(10)
+    large.stop()
+    assert len(written) == 20 + 6
+
+
+def test_written_bytes_are_sent_to_the_disk_as_they_come(tmp_path, monkeypatch):
+    """New files ask the kernel to start writing back every ``WRITEBACK_EVERY`` bytes, so a commit's fsync finds
+    little left to write; the hint is harmless where the system has none."""
+    from fpnx.store import files
+
+    hints = []
+    monkeypatch.setattr(files, "WRITEBACK_EVERY", 1 << 20)
+    monkeypatch.setattr(files, "start_writeback", lambda descriptor: hints.append(descriptor))
+    target = files.FailSafeFile(tmp_path / "new.bin")
+    for _ in range(5):
+        target.write(np.zeros(700_000, np.uint8))
+    assert hints == [target.descriptor, target.descriptor]  # after 1.4 MB and after 2.8 MB
+    target.close()
+    monkeypatch.undo()
+
+    with open(tmp_path / "new.bin", "ab") as handle:
+        files.start_writeback(handle.fileno())  # the real call (Linux), or nothing
+    monkeypatch.setattr(files, "_sync_file_range", lambda: None)
+    with open(tmp_path / "new.bin", "ab") as handle:
+        files.start_writeback(handle.fileno())
+    assert (tmp_path / "new.bin").stat().st_size == 3_500_000
+
+
 # -- finalize and merge copy uncompressed blocks by their bytes ---------------------------------------------------
 
 

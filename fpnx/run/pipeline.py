@@ -30,7 +30,7 @@ from ..options import ExtractOptions, check_output_is_not_an_input, run_metadata
 from ..report.levels import level_reports
 from ..sources import discover
 from ..store import FeatureWriter, ImageRecord
-from ..store.background import WRITE_QUEUE, BackgroundWriter
+from ..store.background import BackgroundWriter, queue_capacity
 from ..store.merge import check_output_path
 from ..store.shards import SHARD_KEY, prepare_shard
 from .progress import Progress, progress_reporter
@@ -155,7 +155,7 @@ class ExtractRun:
         if self.options.maps:
             output_bytes += max_output_bytes(spec, self.strides, self.channels, np.dtype(self.options.dtype).itemsize)
         return CudaStage(loader, self.device, spec, self.model.size_divisibility, output_bytes,
-                         buffers=self.options.batch_size + WRITE_QUEUE + 2)
+                         buffers=self.options.batch_size + queue_capacity(output_bytes) + 2)
 
     def process_all(self, loader: ImageLoader) -> None:
         """Every image of ``loader`` into the store, then finalize it; Ctrl-C/SIGTERM keep what is finished."""

@@ -1,9 +1,9 @@
 """A :class:`FeatureWriter` fed from a thread: the model runs on while finished images are written.
 
-The queue is short (a few images), so memory stays bounded and a slow disk slows the producer down
-(backpressure) rather than filling memory. An error in the thread (a failed write, or an error raised by
-``on_written``, such as a caller's progress callback) stops the writing and is raised in the producer at its next
-call; the thread itself runs until :meth:`BackgroundWriter.stop`.
+The queue is bounded (a few images, more while they are small), so memory stays bounded and a slow disk slows the
+producer down (backpressure) rather than filling memory. An error in the thread (a failed write, or an error raised
+by ``on_written``, such as a caller's progress callback) stops the writing and is raised in the producer at its
+next call; the thread itself runs until :meth:`BackgroundWriter.stop`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ import numpy as np
 from .schema import ImageRecord
 from .writer import FeatureWriter
 
-WRITE_QUEUE = 4  # images waiting for the writer thread
+WRITE_QUEUE = 4  # images waiting for the writer thread, at least
+# and more while they hold no more bytes than this: a commit holds the thread while the disk catches up (fsync, a
+# few tenths of a second), and small images (pooled vectors, P5-P6) keep coming meanwhile instead of stopping the run
+WRITE_QUEUE_BYTES = 256 << 20
+
+
+def queue_capacity(image_bytes: int) -> int:
+    """The most images of ``image_bytes`` each that wait for the writer thread (a pool of buffers for them)."""
+    return max(WRITE_QUEUE, WRITE_QUEUE_BYTES // max(1, image_bytes))
 
 
 class BackgroundWriter:
     """Adds images and failures to ``writer`` in a thread; ``on_written`` is called there after each one."""
 
     def __init__(self, writer: FeatureWriter, on_written: Callable[[], None], depth: int = WRITE_QUEUE,
-                 idle: Callable[[], bool] | None = None) -> None:
+                 idle: Callable[[], bool] | None = None, max_bytes: int = WRITE_QUEUE_BYTES) -> None:
         self.writer = writer
         self._idle = idle  # work for the thread while nothing is queued, a piece per call; False: nothing left
         self.stored = 0
@@ -34,7 +42,11 @@ class BackgroundWriter:
         self.input_sizes: collections.Counter[tuple[int, int]] = collections.Counter()  # images per input size
         self.seconds = 0.0  # time spent writing
         self._on_written = on_written
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue()  # its room is counted here:
+        self._room = threading.Condition()
+        self._depth, self._max_bytes = depth, max_bytes
+        self._queued: collections.deque[int] = collections.deque()  # bytes of each image queued, oldest first
+        self._queued_bytes = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="fpnx-writer", daemon=True)
         self._thread.start()
@@ -44,10 +56,11 @@ class BackgroundWriter:
             done: Callable[[], None] | None = None) -> None:
         """Queue one image; in the thread, ``ready()`` (e.g. waiting for a device's copy into ``features``) comes
         before writing and ``done()`` (e.g. giving the buffers back) after it, whatever happened."""
-        self._put((record, features, pooled, ready, done))
+        arrays = [*features.values(), *(pooled or {}).values()]
+        self._put((record, features, pooled, ready, done), sum(np.asarray(array).nbytes for array in arrays))
 
     def add_failure(self, source: str, reason: str) -> None:
-        self._put((source, reason))
+        self._put((source, reason), 0)
 
     def stop(self) -> None:
         """Write what is queued (finished work, also after an error or Ctrl-C), end the thread, raise its error."""
@@ -58,19 +71,28 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise error
 
-    def _put(self, item: tuple) -> None:
-        while True:
-            if self._error is not None:
-                raise self._error
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def _put(self, item: tuple, nbytes: int) -> None:
+        with self._room:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if len(self._queued) < self._depth or self._queued_bytes + nbytes <= self._max_bytes:
+                    break
+                self._room.wait(timeout=0.5)
+            self._queued.append(nbytes)
+            self._queued_bytes += nbytes
+            self._queue.put(item)  # never waits: the queue itself is unbounded
+
+    def _taken(self) -> None:
+        """In the thread, for the item just taken off the queue: its room is free again."""
+        with self._room:
+            self._queued_bytes -= self._queued.popleft()
+            self._room.notify()
 
     def _loop(self) -> None:
         # Nothing may end this loop but the stop marker: a producer waiting on a full queue would wait forever.
         while (item := self._next()) is not None:
+            self._taken()
             try:
                 self._handle(item)
             except BaseException as error:  # noqa: BLE001 - handed to the producer (a caller's on_written too)

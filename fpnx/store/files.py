@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import io
 import os
 import re
@@ -62,6 +64,33 @@ def remove_tree(path: Path) -> None:
         remove_file(path)
 
 
+# Bytes written between requests to the kernel to start writing them to the disk. Without them nothing is written
+# back until a commit's fsync (Linux waits for gigabytes of dirty pages, or 30 s), and every commit then holds the
+# writer thread while hundreds of megabytes go to the disk at once (measured: 0.5 s per commit, the pipeline idle).
+WRITEBACK_EVERY = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_file_range():
+    """Linux's ``sync_file_range`` (not in :mod:`os`); None elsewhere."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError, TypeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+def start_writeback(descriptor: int) -> None:
+    """Ask the kernel to start writing the file's dirty pages to the disk, without waiting for them (the GIL is
+    released while the call runs: it waits only where the disk's queue is full). A hint: failures show at fsync."""
+    function = _sync_file_range()
+    if function is not None:
+        function(descriptor, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 _HDF5_ERRNO = re.compile(r"errno = (\d+)")
 
 
@@ -90,6 +119,7 @@ class FailSafeFile(io.RawIOBase):
         super().__init__()
         self._file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
         self.failure: OSError | None = None
+        self._not_written_back = 0  # bytes written since the last start_writeback
 
     @property
     def descriptor(self) -> int:
@@ -124,6 +154,10 @@ class FailSafeFile(io.RawIOBase):
                 self.failure = error
         if done < len(view):  # pretend: this file is thrown away, and HDF5 must stay able to close it
             self._file.seek(len(view) - done, io.SEEK_CUR)
+        self._not_written_back += done
+        if self._not_written_back >= WRITEBACK_EVERY:
+            start_writeback(self._file.fileno())
+            self._not_written_back = 0
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
