@@ -62,6 +62,10 @@ try:  # also runs against older fpnx checkouts, for before/after figures
 except ImportError:
     from fpnx.images import decode_image
     from fpnx.weights import random_weights
+try:
+    from fpnx.store.files import WRITEBACK_EVERY, start_writeback
+except ImportError:
+    WRITEBACK_EVERY, start_writeback = None, None
 
 
 def map_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -217,14 +221,22 @@ def gpu_loader_figures(paths: list[Path], spec, args, cores: int) -> dict:
             "gpu_loader_ratio_to_all_cores_decode": None if rate is None else rate / reference}
 
 
-def raw_write_rate(folder: Path, bytes_per_image: int, count: int) -> float:
-    """Images/s of writing ``count`` images' bytes sequentially with numpy.tofile, then fsync, in ``folder``."""
+def raw_write_rate(folder: Path, bytes_per_image: int, count: int, streaming: bool = False) -> float:
+    """Images/s of writing ``count`` images' bytes sequentially with numpy.tofile, then fsync, in ``folder``;
+    ``streaming``: also asking the kernel to start writing back every ``WRITEBACK_EVERY`` bytes, as fpnx does (the
+    disk then works while the writer writes, where plain writes wait for the final fsync to reach it)."""
     block = np.random.default_rng(1).integers(0, 255, bytes_per_image, dtype=np.uint8)
     path = folder / "raw-write.bin"
     start = time.perf_counter()
     with open(path, "wb") as file:
+        pending = 0
         for _ in range(count):
             block.tofile(file)
+            pending += block.nbytes
+            if streaming and pending >= WRITEBACK_EVERY:
+                file.flush()
+                start_writeback(file.fileno())
+                pending = 0
         file.flush()
         os.fsync(file.fileno())
     seconds = time.perf_counter() - start
@@ -278,8 +290,12 @@ def timed_extract(paths: list[Path], out: Path, levels, args) -> tuple[float, ob
 def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per_image: int, spec) -> dict:
     out = work / f"{name}.h5"
     cores = args.workers
+    streaming = []  # the raw write with writeback hints, where this checkout has them
     settle_page_cache(paths)
     before = raw_write_rate(work, bytes_per_image, len(paths))
+    if start_writeback is not None:
+        settle_page_cache(paths)
+        streaming.append(raw_write_rate(work, bytes_per_image, len(paths), streaming=True))
     settle_page_cache(paths)
     cpu_before = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores)
     sent_before = bytes_sent_to_storage()
@@ -293,6 +309,9 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
     settle_page_cache(paths)
     cpu_after = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores)
     after = raw_write_rate(work, bytes_per_image, len(paths))
+    if start_writeback is not None:
+        settle_page_cache(paths)
+        streaming.append(raw_write_rate(work, bytes_per_image, len(paths), streaming=True))
     count = len(paths)
     before_finalize = (count - max(1, count // 10)) / (ended - first - summary.timings.get("finalize", 0.0))
     per_image = {stage: 1000 * summary.timings.get(stage, 0.0) / count
@@ -302,9 +321,18 @@ def run_config(name: str, levels, paths: list[Path], work: Path, args, bytes_per
         "images_per_s_with_start": summary.images_per_s, "images_per_s_before_finalize": before_finalize,
         "file_bytes": size, "disk_bytes_per_stored_byte": written_per_stored,
         "write_mb_per_s": rate * size / count / 1e6, "ms_per_image": per_image, "timings_s": summary.timings,
-        "raw_write_images_per_s": [before, after], "all_cores_decode_resize_images_per_s": [cpu_before, cpu_after],
+        "raw_write_images_per_s": [before, after], "streaming_raw_write_images_per_s": streaming,
+        "all_cores_decode_resize_images_per_s": [cpu_before, cpu_after],
         "mean_batch_fill": getattr(summary, "mean_batch_fill", None),
     }
+
+
+def streaming_text(result: dict) -> str:
+    rates = result["streaming_raw_write_images_per_s"]
+    if not rates:
+        return ""
+    return (f", {result['ratio_to_streaming_raw_write']:.2f} of raw write with writeback hints "
+            f"({' / '.join(f'{r:.2f}' for r in rates)})")
 
 
 def main() -> None:
@@ -362,12 +390,16 @@ def main() -> None:
             measured.append(one_core_rates(paths[:64], spec))
             *_, cpu_limit, torchvision_limit = limits()
             raw = statistics.mean(result["raw_write_images_per_s"])
+            streaming = result["streaming_raw_write_images_per_s"]
+            streaming_raw = statistics.mean(streaming) if streaming else None
             both_cpu = result["all_cores_decode_resize_images_per_s"]
             all_cores = statistics.mean(both_cpu)
             result.update(all_cores_limit_images_per_s=all_cores,
                           ratio_to_all_cores_limit=result["images_per_s"] / all_cores,
                           bytes_per_image=int(bytes_per_image), raw_write_images_per_s_mean=raw,
-                          ratio_to_raw_write=result["images_per_s"] / raw, cpu_limit_images_per_s=cpu_limit,
+                          ratio_to_raw_write=result["images_per_s"] / raw,
+                          ratio_to_streaming_raw_write=streaming_raw and result["images_per_s"] / streaming_raw,
+                          cpu_limit_images_per_s=cpu_limit,
                           ratio_to_cpu_limit=result["images_per_s"] / cpu_limit,
                           ratio_to_cpu_limit_before_finalize=result["images_per_s_before_finalize"] / cpu_limit,
                           ratio_to_torchvision_cpu_limit=result["images_per_s"] / torchvision_limit)
@@ -379,7 +411,7 @@ def main() -> None:
                   f"({result['disk_bytes_per_stored_byte'] or float('nan'):.2f} disk bytes per stored byte); "
                   f"ms/image {stages}; raw write {raw:.2f} images/s "
                   f"({' / '.join(f'{r:.2f}' for r in result['raw_write_images_per_s'])}) -> "
-                  f"{result['ratio_to_raw_write']:.2f} of raw write; decode+resize on all {args.workers} cores at "
+                  f"{result['ratio_to_raw_write']:.2f} of raw write{streaming_text(result)}; decode+resize on all {args.workers} cores at "
                   f"once {all_cores:.1f} images/s ({' / '.join(f'{r:.1f}' for r in both_cpu)}) "
                   f"-> {result['ratio_to_all_cores_limit']:.2f} of it; {result['ratio_to_cpu_limit']:.2f} of the limit "
                   f"from one core {cpu_limit:.1f} ({result['ratio_to_cpu_limit_before_finalize']:.2f} before finalize; "
