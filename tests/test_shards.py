@@ -151,8 +151,8 @@ def test_shards_then_merge_equal_one_run(reference, tmp_path):
         result = runner.invoke(app, ["merge", *again, "--out", str(out)])
         assert result.exit_code == 0 and f"{len(IMAGES)} images, already merged from its 2 shards" in result.stdout
     wrong_split = [str(shard_path(out, Shard(index, 3))) for index in (0, 1, 2)]
-    result = runner.invoke(app, ["merge", *wrong_split, "--out", str(out)])  # not how out was merged: missing
-    assert result.exit_code == 1 and "shard 0/3 is missing" in result.output
+    result = runner.invoke(app, ["merge", *wrong_split, "--out", str(out)])  # files named that are not there
+    assert result.exit_code == 2 and "shard 0/3 is missing" in result.output
     result = runner.invoke(app, ["merge", str(tmp_path / "typo.h5"), "--out", str(out)])
     assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'typo.h5'} does not exist"
     assert_matches(out, reference)
@@ -183,6 +183,8 @@ def test_missing_shard_is_named_and_nothing_is_merged(tmp_path):
     assert result.exit_code == 1
     assert "shard 0/2 is missing" in result.output and "--shard 0/2" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    named = runner.invoke(app, ["merge", str(shard_path(out, Shard(0, 2))), str(present), "--out", str(out)])
+    assert named.exit_code == 2 and "shard 0/2 is missing" in named.output  # a file named that is not there
     assert not out.exists() and present.exists()
     with pytest.raises(fpnx.StoreError, match="split 2 ways, this one is split 3 ways"):
         fpnx.extract([SAMPLES], out, shard="0/3", **COMMON)

@@ -205,16 +205,16 @@ def _shard_of_path(path: Path) -> Shard:
         if path.exists():
             raise StoreError(f"{path} is not a shard file")
         raise MissingFileError(f"{path} does not exist")
-    _refuse_absent(named[0], path)
+    _refuse_absent(named[0], path, missing=MissingFileError)  # named on the command line: a usage error
     raise AssertionError("unreachable")
 
 
-def _refuse_absent(shard: Shard, path: Path | None) -> None:
-    """The error for shard ``shard`` whose finished file ``path`` is not there: unfinished or missing."""
+def _refuse_absent(shard: Shard, path: Path | None, missing: type[StoreError] = StoreError) -> None:
+    """The error for shard ``shard`` whose finished file ``path`` is not there: unfinished, or ``missing``."""
     if path is not None and parts_dir_for(path).is_dir():
         raise StoreError(f"shard {shard} is unfinished: {_unfinished(shard, path)}")
     where = f"{path} does not exist" if path is not None else "no file was given for it"
-    raise StoreError(f"shard {shard} is missing: {where}; run `fpnx extract ... --shard {shard}` to write it")
+    raise missing(f"shard {shard} is missing: {where}; run `fpnx extract ... --shard {shard}` to write it")
 
 
 def _check_all_finished(found: Sequence[_Found]) -> None:
