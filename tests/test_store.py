@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fpnx.errors import StoreError, UsageError
 from fpnx.store import FORMAT_VERSION, FeatureReader, FeatureWriter, ImageRecord, merge_stores, open_features
@@ -799,12 +800,13 @@ def test_background_writer_queues_small_images_while_a_commit_holds_the_thread()
             held.wait(10)
             written.append(record.source)
 
-    def add_in_thread(background, count, nbytes):
+    def add_in_thread(background, count, nbytes, view_of=None):
         added = []
 
         def produce():
             for k in range(count):
-                background.add(image(k)[0], {"p5": np.zeros(nbytes, np.uint8)})
+                array = np.zeros(nbytes, np.uint8) if view_of is None else view_of[:nbytes]
+                background.add(image(k)[0], {"p5": array})
                 added.append(k)
 
         producer = threading.Thread(target=produce, daemon=True)
@@ -827,6 +829,16 @@ def test_background_writer_queues_small_images_while_a_commit_holds_the_thread()
     producer.join(10)
     large.stop()
     assert len(written) == 20 + 6
+
+    # small views of large buffers (the CPU path's crops of the model's outputs) count as those buffers
+    held.clear()
+    views = BackgroundWriter(Held(), on_written=lambda: None, depth=2, max_bytes=10_000)
+    added, producer = add_in_thread(views, 6, 100, view_of=torch.zeros(8_000, dtype=torch.uint8).numpy())
+    assert len(added) == 3
+    held.set()
+    producer.join(10)
+    views.stop()
+    assert len(written) == 20 + 6 + 6
 
 
 def test_written_bytes_are_sent_to_the_disk_as_they_come(tmp_path, monkeypatch):

@@ -25,6 +25,24 @@ WRITE_QUEUE = 4  # images waiting for the writer thread, at least
 WRITE_QUEUE_BYTES = 256 << 20
 
 
+def held_bytes(arrays) -> int:
+    """The memory ``arrays`` keep alive: a view keeps its whole buffer (on the CPU, crops stored in the model's dtype
+    are views of its outputs, which hold every level of the batch), counted once."""
+    buffers: dict[int, int] = {}
+    for array in arrays:
+        owner = array
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        if hasattr(owner, "untyped_storage"):  # a tensor's memory (the store does not import torch)
+            storage = owner.untyped_storage()
+            buffers[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(owner, np.ndarray):
+            buffers[id(owner)] = owner.nbytes
+        else:
+            buffers[id(array)] = np.asarray(array).nbytes
+    return sum(buffers.values())
+
+
 def queue_capacity(image_bytes: int) -> int:
     """The most images of ``image_bytes`` each that wait for the writer thread (a pool of buffers for them)."""
     return max(WRITE_QUEUE, WRITE_QUEUE_BYTES // max(1, image_bytes))
@@ -56,8 +74,7 @@ class BackgroundWriter:
             done: Callable[[], None] | None = None) -> None:
         """Queue one image; in the thread, ``ready()`` (e.g. waiting for a device's copy into ``features``) comes
         before writing and ``done()`` (e.g. giving the buffers back) after it, whatever happened."""
-        arrays = [*features.values(), *(pooled or {}).values()]
-        self._put((record, features, pooled, ready, done), sum(np.asarray(array).nbytes for array in arrays))
+        self._put((record, features, pooled, ready, done), held_bytes([*features.values(), *(pooled or {}).values()]))
 
     def add_failure(self, source: str, reason: str) -> None:
         self._put((source, reason), 0)
