@@ -43,8 +43,9 @@ class StoreError(FpnxError):
     """A feature file is missing, corrupt, locked, or was made with other settings."""
 
 
-class MissingFileError(StoreError):
-    """The feature file asked for does not exist: a usage error (exit 2), like a missing input of ``extract``."""
+class MissingFileError(StoreError, FileNotFoundError):
+    """The feature file asked for does not exist: a usage error (exit 2), like a missing input of ``extract``; also a
+    ``FileNotFoundError``, so ``except FileNotFoundError`` around ``open_features`` catches it as users expect."""
 
     exit_code = 2
 

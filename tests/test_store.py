@@ -532,8 +532,9 @@ def test_damaged_files_give_one_line_errors(tmp_path):
                     reader[i]
         message = str(caught.value)
         assert name in message and "\n" not in message, message
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(StoreError, match="does not exist") as missing:
         open_features(tmp_path / "nothing.h5")
+    assert isinstance(missing.value, FileNotFoundError)  # what `except FileNotFoundError` expects to catch
     with pytest.raises(StoreError, match="--overwrite starts anew"):
         writer(tmp_path / "random.h5")  # a damaged output is never silently replaced
 

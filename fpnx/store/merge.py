@@ -100,6 +100,8 @@ def merge_into(
     try:
         write_merged(remaining, out, Layout.from_settings(settings), settings, attrs, expected_in=expected_in,
                      started=started)
+    except StoreError:  # an input's problem (MissingFileError is an OSError too), not the output's
+        raise
     except OSError as error:
         raise write_error(out, error, kept) from None
 
