@@ -150,7 +150,7 @@ def print_shard_done(shard, out) -> None:
 
 
 def print_merge_summary(summary) -> None:
-    if not summary.merged and not summary.already_merged and not summary.nothing_new:
+    if summary.nothing_to_do:
         Console().print(f"[bold]{escape(summary.out)}[/bold]: {summary.images} images, already merged from its "
                         f"{summary.count} shards; nothing to do", highlight=False, soft_wrap=True)
         return

@@ -150,6 +150,10 @@ def test_shards_then_merge_equal_one_run(reference, tmp_path):
     for again in ([], named):  # again (a retried job step), as before or naming the shards: nothing to do
         result = runner.invoke(app, ["merge", *again, "--out", str(out)])
         assert result.exit_code == 0 and f"{len(IMAGES)} images, already merged from its 2 shards" in result.stdout
+        result = runner.invoke(app, ["merge", *again, "--out", str(out), "--json"])
+        report = json.loads(result.stdout)
+        assert (report["nothing_to_do"], report["merged"], report["images_added"]) == (True, [], 0)
+        assert report["already_merged"] == named  # the shards it absorbed, by name (their files are gone)
     wrong_split = [str(shard_path(out, Shard(index, 3))) for index in (0, 1, 2)]
     result = runner.invoke(app, ["merge", *wrong_split, "--out", str(out)])  # files named that are not there
     assert result.exit_code == 2 and "shard 0/3 is missing" in result.output

@@ -41,6 +41,7 @@ class MergeSummary:
     images: int  # images in out now
     images_added: int
     seconds: float
+    nothing_to_do: bool = False  # a rerun after a finished merge: its shards (in already_merged) are long gone
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,8 +70,9 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]] = (), *, out: str | os
     if finished is not None and all(shard_from_name(path)[0].count == finished[0] for path in given):
         # a rerun after a merge that finished (it removed the shards, named or not): nothing to do
         count, images = finished
-        return MergeSummary(out=str(out), count=count, merged=[], already_merged=[], nothing_new=[], images=images,
-                            images_added=0, seconds=time.perf_counter() - started)
+        absorbed = [str(shard_path(out, Shard(index, count))) for index in range(count)]
+        return MergeSummary(out=str(out), count=count, merged=[], already_merged=absorbed, nothing_new=[],
+                            images=images, images_added=0, seconds=time.perf_counter() - started, nothing_to_do=True)
     found = _identify(given) if given else _find_for(out, available)
     with hold_locks([out] + [item.path for item in found]):
         _check_all_finished(found)  # under the locks: no run can be adding to them now
