@@ -156,7 +156,7 @@ class FailSafeFile(io.RawIOBase):
             self._file.seek(len(view) - done, io.SEEK_CUR)
         self._not_written_back += done
         if self._not_written_back >= WRITEBACK_EVERY:
-            start_writeback(self._file.fileno())
+            start_writeback(self.descriptor)
             self._not_written_back = 0
         return len(view)
 
