@@ -41,17 +41,7 @@ def photos(tmp_path) -> list[ImageSource]:
 
 @pytest.mark.parametrize("spec", [SPEC, DETECTRON2.replace(min_size=64, max_size=96)], ids=["torchvision", "detectron2"])
 def test_device_side_preprocessing_is_the_same_operations(photos, spec):
-    """Workers that only decode (for a GPU) plus finish_on_device give bitwise what the CPU path gives (on one
-    thread, as workers run: torch's resize rounds differently when it splits the work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _compare_paths(photos, spec)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _compare_paths(photos, spec):
+    """Workers that only decode (for a GPU) plus finish_on_device give bitwise what the CPU path gives."""
     for source in photos:
         finished = load_image(source, LoadOptions(spec))
         decoded_only = load_image(source, LoadOptions(spec, finish_here=False))

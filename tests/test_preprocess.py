@@ -70,31 +70,33 @@ def test_matches_generalized_rcnn_transform(height: int, width: int, spec: Prepr
     assert resized_size(height, width, spec)[:2] == tuple(reference.image_sizes[0])
     assert batch.shape == reference.tensors.shape[1:]  # the padded shape
     assert batch.dtype == torch.float32
-    valid = (slice(None), slice(0, size[0]), slice(0, size[1]))
-    assert (batch[valid] - reference.tensors[0][valid]).abs().max().item() <= 1e-6
-    assert (batch - reference.tensors[0]).abs().max().item() <= 1e-6  # padding included
+    assert torch.get_num_threads() > 1  # torchvision's usual setting (conftest), where fpnx equals it bit for bit
+    assert torch.equal(batch, reference.tensors[0])  # padding included
 
 
 @pytest.mark.parametrize("spec", [SMALL, SMALL.replace(pixel_order="BGR", value_range=255.0)], ids=["rgb", "bgr"])
-@pytest.mark.parametrize(("height", "width"), [(97, 131), (480, 640), (300, 20)])  # up, down and thin
-def test_channels_last_work_gives_bitwise_the_channels_first_operations(height, width, spec) -> None:
-    """On one thread (as workers run), the CPU's channels-last normalise + resize equals, bit for bit, the same
-    operations on the channels-first tensor GeneralizedRCNNTransform builds; the result stays channels last."""
+@pytest.mark.parametrize(("height", "width"), [(97, 131), (480, 640), (300, 20), (37, 45)])  # up, down, thin, tiny
+def test_resize_is_bitwise_torchvisions_on_any_number_of_threads(height, width, spec) -> None:
+    """The CPU's normalise + resize equals, bit for bit, the same operations on the channels-first tensor
+    GeneralizedRCNNTransform builds, as PyTorch runs them on several threads; and gives the same bits on 1-3."""
     rgb = random_rgb(height, width, seed=height + width)
+    channels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0 / spec.value_range)
+    if spec.pixel_order == "BGR":
+        channels = channels.flip(0).contiguous()
+    mean, std = (torch.tensor(values)[:, None, None] for values in (spec.mean, spec.std))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        prepared = prepare_image(rgb, spec)
-        channels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0 / spec.value_range)
-        if spec.pixel_order == "BGR":
-            channels = channels.flip(0).contiguous()
-        mean, std = (torch.tensor(values)[:, None, None] for values in (spec.mean, spec.std))
-        expected = F.interpolate(((channels - mean) / std)[None], size=prepared.tensor.shape[1:], mode="bilinear",
-                                 align_corners=False)[0]
+        torch.set_num_threads(2)
+        size = resized_size(height, width, spec)[:2]
+        expected = F.interpolate(((channels - mean) / std)[None], size=size, mode="bilinear", align_corners=False)[0]
+        prepared = {}
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            prepared[count] = prepare_image(rgb, spec).tensor
     finally:
         torch.set_num_threads(threads)
-    assert expected.is_contiguous() and torch.equal(prepared.tensor, expected)
-    assert prepared.tensor[None].is_contiguous(memory_format=torch.channels_last)
+    for tensor in prepared.values():
+        assert torch.equal(tensor, expected)
 
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 37), (23, 1), (97, 131)])

@@ -106,7 +106,7 @@ def test_the_cuda_stage_stores_exactly_what_the_cpu_stage_stores(tmp_path, cuda_
     staged = fpnx.extract([images], tmp_path / "staged.h5", **options)
     assert (staged.images_stored, len(staged.failures)) == (reference.images_stored, len(reference.failures)) == (8, 1)
     assert staged.mean_batch_fill == reference.mean_batch_fill
-    # bitwise: the stage preprocesses with the workers' operations on one thread, and the batches are the same
+    # bitwise: the stage preprocesses with the workers' operations, and the batches are the same
     expected, got = read_all(tmp_path / "cpu.h5"), read_all(tmp_path / "staged.h5")
     assert got["infos"] == expected["infos"]
     for source, levels in expected["maps"].items():

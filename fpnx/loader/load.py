@@ -7,13 +7,10 @@ the work (:func:`fpnx.preprocess.finish_on_device`).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..errors import ImageError, first_line
 from ..preprocess import Preprocessing, finish_on_device, pixels_tensor, resize_on_host
@@ -35,8 +32,8 @@ class LoadOptions:
 class LoadedImage:
     """One image ready for the network, or the reason it failed.
 
-    ``pixels`` is float32 ``(3, h, w)`` (unpadded; channels last in memory) when the worker finished the
-    preprocessing, else uint8 ``(H, W, 3)``. It may be a view into a shared-memory slot of the loader:
+    ``pixels`` is float32 ``(3, h, w)`` (unpadded; channels last in memory once in a slot) when the worker
+    finished the preprocessing, else uint8 ``(H, W, 3)``. It may be a view into a shared-memory slot of the loader:
     ``ImageLoader.release(item)`` once it is no longer needed lets the slot be reused. ``padded`` is then the
     same image zero-padded to the size the network needs (float32 only), ready to run without a copy.
     """
@@ -66,11 +63,10 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
     try:
         decoded = decode_source(image, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
         decoded_at = time.perf_counter()
-        with _one_thread():
-            pixels, input_height, input_width, scale = resize_on_host(decoded.rgb, options.preprocessing)
-            if options.finish_here:
-                tensor = finish_on_device(pixels_tensor(pixels), options.preprocessing, (input_height, input_width))
-                pixels = tensor.numpy()
+        pixels, input_height, input_width, scale = resize_on_host(decoded.rgb, options.preprocessing)
+        if options.finish_here:
+            tensor = finish_on_device(pixels_tensor(pixels), options.preprocessing, (input_height, input_width))
+            pixels = tensor.numpy()
     except ImageError as error:
         return LoadedImage(image, error=str(error), decode_s=time.perf_counter() - start)
     except MemoryError:
@@ -89,18 +85,3 @@ def load_image(image: ImageSource, options: LoadOptions) -> LoadedImage:
         decode_s=decoded_at - start,
         preprocess_s=time.perf_counter() - decoded_at,
     )
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Preprocess on one thread, as workers do: torch's resize rounds differently where its work is split between
-    threads, and the stored features must not depend on ``--workers`` or on the number of cores."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)  # cheap (well under a microsecond); decoding in this process is sequential
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
+import torch
 
 from ..preprocess import Preprocessing, padded_size
 from .load import LoadedImage, LoadOptions
@@ -104,9 +105,11 @@ def write_into_slot(item: LoadedImage, slot: SlotRef | None, divisibility: int) 
     target = _slot_array(memory.buf, slot.index * slot.slot_bytes, shape, pixels.dtype)
     if pixels.dtype == np.float32:
         height, width = pixels.shape[1:]
-        target[:, :height, :width] = pixels
-        target[:, height:, :] = 0
-        target[:, :height, width:] = 0
+        padded = torch.from_numpy(target)
+        # torch's copy: a resized image comes channels-first, and numpy's transposing copy is ~3x slower (measured)
+        padded[:, :height, :width].copy_(torch.from_numpy(pixels))
+        padded[:, height:, :] = 0
+        padded[:, :height, width:] = 0
     else:
         target[...] = pixels
     item.pixels, item.slot, item.slot_layout = None, slot.index, (shape, pixels.dtype.str, pixels.shape)
