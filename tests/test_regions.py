@@ -184,8 +184,9 @@ def test_the_framework_decides(stores):
         theirs = reader.roi_align(0, boxes, framework="detectron2")
         assert torch.equal(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=0))
         assert not torch.allclose(theirs, reader.roi_align(0, boxes, framework="detectron2", sampling_ratio=2))
-        for bad in (-1, 1.5, True, "2"):
-            with pytest.raises(UsageError, match="sampling_ratio must be an int >= 0"):
+        assert reader.roi_align(0, boxes[:1], sampling_ratio=64).shape == (1, 256, 7, 7)  # the largest allowed
+        for bad in (-1, 1.5, True, "2", 65, 10**9):
+            with pytest.raises(UsageError, match="sampling_ratio must be an int from 0 .adaptive. to 64"):
                 reader.roi_align(0, boxes, sampling_ratio=bad)
 
 

@@ -188,6 +188,10 @@ def output_pair(output_size: int | Sequence[int]) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+# samples per bin side: beyond this each bin costs seconds (ratio squared samples) and changes nothing visible
+MAX_SAMPLING_RATIO = 64
+
+
 def roi_align(
     read: Callable[[Sequence[str]], Mapping[str, np.ndarray]], info: Mapping[str, Any], rule: RegionRule, boxes: Any,
     output_size: int | Sequence[int], sampling_ratio: int | None,
@@ -197,8 +201,9 @@ def roi_align(
     if sampling_ratio is None:
         sampling_ratio = rule.sampling_ratio
     elif isinstance(sampling_ratio, (bool, np.bool_)) or not isinstance(sampling_ratio, (int, np.integer)) \
-            or sampling_ratio < 0:
-        raise UsageError(f"sampling_ratio must be an int >= 0 (0: adaptive), got {sampling_ratio!r}")
+            or not 0 <= sampling_ratio <= MAX_SAMPLING_RATIO:
+        raise UsageError(f"sampling_ratio must be an int from 0 (adaptive) to {MAX_SAMPLING_RATIO}, "
+                         f"got {sampling_ratio!r}")
     sampling_ratio = int(sampling_ratio)
     array = checked_boxes(boxes)
     size = output_pair(output_size)
