@@ -18,8 +18,15 @@ def _terminated(signum, frame) -> None:
     raise Terminated
 
 
+# After a kill -9, multiprocessing's resource tracker (a process of its own) removes the semaphores and shared
+# memory the run left, as it should, and warns "There appear to be 5 leaked semaphore objects": expected after a
+# kill, alarming to read. The tracker starts with the warning options of this process.
+QUIET_RESOURCE_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
+    sys.warnoptions.append(QUIET_RESOURCE_TRACKER)
     try:
         from .cli import main as run
     except KeyboardInterrupt as interrupt:
