@@ -340,6 +340,23 @@ def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
                 assert how == "avg" or torch.equal(vector, reference[name])
 
 
+def test_large_crops_transposed_in_pieces_and_on_two_threads_give_the_same_values():
+    """A large channels-last map is cast and transposed piece by piece, its second half on a helper thread where
+    there are two cores: the same crop as from the channels-first map, a piece's remainder included."""
+    from fpnx.models import valid_regions
+    from fpnx.models.inference import TRANSPOSE_PIECE, TRANSPOSE_SPLIT
+
+    torch.manual_seed(0)
+    planar = {"p2": torch.randn(2, 64, 140, 150)}
+    stored_last = {"p2": planar["p2"].contiguous(memory_format=torch.channels_last)}
+    size = (4 * 137, 4 * 149)  # 137 x 149 values per channel: more than the split, not whole pieces
+    assert 137 * 149 * 64 > TRANSPOSE_SPLIT and (137 * 149) % TRANSPOSE_PIECE
+    for index in (0, 1):
+        crops, _ = valid_regions(stored_last, index, size, {"p2": 4}, torch.float16)
+        expected, _ = valid_regions(planar, index, size, {"p2": 4}, torch.float16)
+        assert crops["p2"].is_contiguous() and torch.equal(crops["p2"], expected["p2"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_all_finite_finds_any_nan_or_inf(dtype, layout):

@@ -4,7 +4,9 @@ cutting each image's valid region out of a padded batch's outputs."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -154,8 +156,39 @@ def _crop(output: torch.Tensor, index: int, height: int, width: int, dtype: torc
     if _channels_innermost_on_cpu(output) and dtype != output.dtype:  # cast in its own order, then transposed
         channels = output.shape[1]
         pixels = output[index].permute(1, 2, 0)[:height, :width].to(dtype).contiguous()
-        return pixels.view(-1, channels).t().contiguous().view(channels, height, width)
+        return _transposed(pixels.view(-1, channels)).view(channels, height, width)
     return output[index, :, :height, :width].to(dtype, memory_format=torch.contiguous_format)
+
+
+TRANSPOSE_PIECE = 2048  # rows per piece: a piece and its transpose stay in the cache
+TRANSPOSE_SPLIT = 1 << 20  # values above which the other half goes to a helper thread
+_helper: list[ThreadPoolExecutor] = []
+
+
+def _transposed(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.t().contiguous()`` of a CPU ``(N, C)`` tensor, in pieces of ``TRANSPOSE_PIECE`` rows, and for a
+    large one with its second half on a helper thread where there is another core. PyTorch's transposing copy
+    runs on one thread and far below the memory's speed on the large maps (P2 of an 800x1066 image at float16:
+    30 ms in one piece, 21-26 in pieces, 13-14 in pieces on two threads, measured on two cores)."""
+    count, channels = rows.shape
+    result = torch.empty((channels, count), dtype=rows.dtype)
+
+    def pieces(start: int, stop: int) -> None:
+        for first in range(start, stop, TRANSPOSE_PIECE):
+            last = min(first + TRANSPOSE_PIECE, stop)
+            result[:, first:last] = rows[first:last].t().contiguous()
+
+    if rows.numel() < TRANSPOSE_SPLIT or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else
+                                             range(os.cpu_count() or 1)) < 2:
+        pieces(0, count)
+        return result
+    if not _helper:
+        _helper.append(ThreadPoolExecutor(1, thread_name_prefix="fpnx-transpose"))
+    half = count // 2
+    second = _helper[0].submit(pieces, half, count)
+    pieces(0, half)
+    second.result()
+    return result
 
 
 def pooled_vectors(
