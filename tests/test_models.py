@@ -292,22 +292,26 @@ def test_random_weights_leave_the_callers_random_state_alone():
 
 def test_float16_storage_clamps_what_it_cannot_hold_and_counts_it():
     from fpnx.models import valid_regions
-    from fpnx.models.inference import FLOAT16_MAX, float16_overflows
+    from fpnx.models.inference import FLOAT16_MAX
 
-    outputs = {"p2": torch.zeros(2, 4, 8, 8), "p3": torch.ones(2, 4, 4, 4)}
-    outputs["p2"][1, 0, 0, 0] = 1e6
-    outputs["p2"][1, 1, 1, 1] = -float("inf")
-    outputs["p2"][1, 2, 2, 2] = float("nan")
-    outputs["p2"][1, 3, 7, 7] = 1e9  # outside the crop below: neither stored nor counted
-    assert float16_overflows(outputs) == {"p2"}
     strides = {"p2": 4, "p3": 8}
-    for may_overflow in (None, float16_overflows(outputs)):
-        crops, clamped = valid_regions(outputs, 1, (20, 24), strides, torch.float16, may_overflow)
+    for layout in (torch.contiguous_format, torch.channels_last):  # the crops of each take their own path
+        outputs = {"p2": torch.zeros(2, 4, 8, 8), "p3": torch.ones(2, 4, 4, 4)}
+        outputs["p2"][1, 0, 0, 0] = 1e6
+        outputs["p2"][1, 1, 1, 1] = -float("inf")
+        outputs["p2"][1, 2, 2, 2] = float("nan")
+        outputs["p2"][1, 3, 7, 7] = 1e9  # outside the crop below: neither stored nor counted
+        outputs = {name: tensor.contiguous(memory_format=layout) for name, tensor in outputs.items()}
+        crops, clamped = valid_regions(outputs, 1, (20, 24), strides, torch.float16)
         p2 = crops["p2"]
         assert p2.shape == (4, 5, 6) and p2.dtype == torch.float16 and p2.is_contiguous()
         assert p2[0, 0, 0] == FLOAT16_MAX and p2[1, 1, 1] == -FLOAT16_MAX and torch.isnan(p2[2, 2, 2])
         assert int(clamped) == 2
         assert torch.equal(crops["p3"], torch.ones(4, 3, 3, dtype=torch.float16))
+        nan_only = {"p2": torch.zeros(1, 4, 8, 8)}
+        nan_only["p2"][0, 1, 2, 3] = float("nan")  # NaN alone also takes the pass, and stays NaN, uncounted
+        crops, clamped = valid_regions(nan_only, 0, (32, 32), {"p2": 4}, torch.float16)
+        assert torch.isnan(crops["p2"][1, 2, 3]) and int(clamped) == 0
     crops, clamped = valid_regions(outputs, 1, (20, 24), strides, torch.float32)
     assert crops["p2"][0, 0, 0] == 1e6 and int(clamped) == 0
 
@@ -316,14 +320,12 @@ def test_float16_storage_clamps_what_it_cannot_hold_and_counts_it():
 def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
     """The model gives channels_last maps on the CPU, which crops and per-channel reductions read in their own order."""
     from fpnx.models import pooled_vectors, valid_regions
-    from fpnx.models.inference import float16_overflows
 
     torch.manual_seed(0)
     planar = {"p2": torch.randn(2, 8, 12, 17), "p3": torch.randn(2, 8, 6, 9), "p6": torch.randn(2, 8, 1, 2)}
     planar["p3"][1, 2, 3, 4] = 7e4
     stored_last = {name: tensor.contiguous(memory_format=torch.channels_last) for name, tensor in planar.items()}
     strides = {"p2": 4, "p3": 8, "p6": 64}
-    assert float16_overflows(stored_last) == float16_overflows(planar) == {"p3"}
     for index, size in ((0, (48, 68)), (1, (45, 61)), (1, (1, 1))):
         expected, expected_clamped = valid_regions(planar, index, size, strides, dtype)
         crops, clamped = valid_regions(stored_last, index, size, strides, dtype)

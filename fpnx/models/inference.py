@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -120,22 +120,21 @@ def valid_regions(
     input_size: tuple[int, int],
     strides: Mapping[str, int],
     dtype: torch.dtype,
-    may_overflow: Collection[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Image ``index``'s maps at the levels of ``strides``, cut to its unpadded input and cast to ``dtype``.
 
     Each level keeps ``map_size(*input_size, stride)``: the part of the padded batch's map that covers the
     image, as a ``(C, h, w)`` tensor where the outputs are (on the device): contiguous where the dtype changes,
     else possibly a view of the outputs. For float16, values beyond its range are stored as +-65504 rather than
-    inf (NaN stays NaN), at the levels in ``may_overflow`` (default: all; see :func:`float16_overflows`).
-    Returns the crops and a 0-d tensor counting the values that became +-65504 that way (read it when the device
+    inf (NaN stays NaN); on the CPU only crops that a quick min/max finds holding such values (or NaN) take that
+    pass, on a GPU every crop does (reading a min/max would wait for the device). Returns the crops and a 0-d tensor counting the values that became +-65504 that way (read it when the device
     is done).
     """
     crops, clamped = {}, []
     for name, stride in strides.items():
         height, width = map_size(*input_size, stride)
         region = _crop(outputs[name], index, height, width, dtype)
-        if dtype == torch.float16 and (may_overflow is None or name in may_overflow):
+        if dtype == torch.float16 and _may_hold_inf_or_nan(region):
             clamped.append(torch.isinf(region).sum())
             region.nan_to_num_(nan=float("nan"), posinf=FLOAT16_MAX, neginf=-FLOAT16_MAX)
         crops[name] = region
@@ -220,12 +219,10 @@ def _in_memory_order(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1) if tensor.is_contiguous() else tensor
 
 
-def float16_overflows(outputs: Mapping[str, torch.Tensor]) -> set[str]:
-    """The levels of a batch holding a value float16 cannot hold (or NaN): one fast min/max pass each, so that
-    the crops of the other levels skip the overflow handling. Reads the values (waits for the device)."""
-    found = set()
-    for name, tensor in outputs.items():
-        low, high = torch.aminmax(_in_memory_order(tensor))
-        if not (-FLOAT16_MAX <= float(low) and float(high) <= FLOAT16_MAX):  # False for NaN too
-            found.add(name)
-    return found
+def _may_hold_inf_or_nan(crop: torch.Tensor) -> bool:
+    """On the CPU, whether a float16 crop holds inf or NaN (one min/max pass over the crop, half the bytes of the
+    float32 map it came from); on other devices True without looking."""
+    if crop.device.type != "cpu":
+        return True
+    low, high = torch.aminmax(crop)
+    return not (-FLOAT16_MAX <= float(low) and float(high) <= FLOAT16_MAX)  # False for NaN too

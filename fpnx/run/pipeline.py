@@ -25,7 +25,7 @@ from ..loader import Batches, ImageLoader, LoadedImage, LoadOptions, default_win
 from ..models import (
     FeaturePyramid, build_model, optimize_for_inference, pooled_vectors, resolve_device, valid_regions,
 )  # fmt: skip
-from ..models.inference import PRECISIONS, all_finite, float16_overflows, run_model
+from ..models.inference import PRECISIONS, all_finite, run_model
 from ..options import ExtractOptions, check_output_is_not_an_input, run_metadata
 from ..report.levels import level_reports
 from ..sources import discover
@@ -145,7 +145,6 @@ class ExtractRun:
         self._output = BackgroundWriter(writer, self._written, idle=writer.copy_earlier_work)
         self.stage = self._stage(loader)
         self._compute_threads = torch.get_num_threads()
-        self._may_overflow: set[str] | None = None
 
     def _stage(self, loader: ImageLoader) -> HostStage | CudaStage:
         if self.device.type != "cuda":
@@ -244,25 +243,13 @@ class ExtractRun:
         size = (item.input_height, item.input_width)
         stored: dict[str, torch.Tensor] = {}
         if self.options.maps:
-            if self._may_overflow is None or index == 0:
-                self._may_overflow = self._overflowing_levels(outputs)
-            regions, clamped = valid_regions(outputs, index, size, self.strides, self.options.store_dtype,
-                                             self._may_overflow)
+            regions, clamped = valid_regions(outputs, index, size, self.strides, self.options.store_dtype)
             stored.update(regions)
             self._clamped = clamped if self._clamped is None else self._clamped.add_(clamped)
         if self.options.pool is not None:
             vectors = pooled_vectors(outputs, index, size, self.strides, self.options.pool)
             stored.update({POOLED + name: vector for name, vector in vectors.items()})
         return stored
-
-    def _overflowing_levels(self, outputs: dict[str, torch.Tensor]) -> set[str] | None:
-        """On the CPU, the levels of this batch that need the float16 overflow pass (a quick min/max says); on a
-        GPU every crop takes it, which costs less than waiting for the device."""
-        if self.device.type != "cpu":
-            return None
-        if self.options.store_dtype != torch.float16:
-            return set()
-        return float16_overflows({name: outputs[name] for name in self.strides})
 
     def _events(self, count: int) -> tuple | None:
         if self.device.type != "cuda":
