@@ -127,8 +127,8 @@ def valid_regions(
     image, as a ``(C, h, w)`` tensor where the outputs are (on the device): contiguous where the dtype changes,
     else possibly a view of the outputs. For float16, values beyond its range are stored as +-65504 rather than
     inf (NaN stays NaN); on the CPU only crops that a quick min/max finds holding such values (or NaN) take that
-    pass, on a GPU every crop does (reading a min/max would wait for the device). Returns the crops and a 0-d tensor counting the values that became +-65504 that way (read it when the device
-    is done).
+    pass, on a GPU every crop does (reading a min/max would wait for the device). Returns the crops and a 0-d
+    tensor counting the values that became +-65504 that way (read it when the device is done).
     """
     crops, clamped = {}, []
     for name, stride in strides.items():
@@ -177,8 +177,7 @@ def _transposed(rows: torch.Tensor) -> torch.Tensor:
             last = min(first + TRANSPOSE_PIECE, stop)
             result[:, first:last] = rows[first:last].t().contiguous()
 
-    if rows.numel() < TRANSPOSE_SPLIT or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else
-                                             range(os.cpu_count() or 1)) < 2:
+    if rows.numel() < TRANSPOSE_SPLIT or (os.cpu_count() or 1) < 2:
         pieces(0, count)
         return result
     if not _helper:
