@@ -5,6 +5,10 @@ Tolerance: max|diff| <= 1e-4 * max|ref| per output level, in fp32.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from checkpoint_factory import (
@@ -353,10 +357,26 @@ def test_large_crops_transposed_in_pieces_and_on_two_threads_give_the_same_value
     stored_last = {"p2": planar["p2"].contiguous(memory_format=torch.channels_last)}
     size = (4 * 137, 4 * 149)  # 137 x 149 values per channel: more than the split, not whole pieces
     assert 137 * 149 * 64 > TRANSPOSE_SPLIT and (137 * 149) % TRANSPOSE_PIECE
+    expected = [valid_regions(planar, index, size, {"p2": 4}, torch.float16)[0]["p2"] for index in (0, 1)]
     for index in (0, 1):
         crops, _ = valid_regions(stored_last, index, size, {"p2": 4}, torch.float16)
-        expected, _ = valid_regions(planar, index, size, {"p2": 4}, torch.float16)
-        assert crops["p2"].is_contiguous() and torch.equal(crops["p2"], expected["p2"])
+        assert crops["p2"].is_contiguous() and torch.equal(crops["p2"], expected[index])
+    if hasattr(os, "fork"):  # a forked child (a DataLoader worker, say) gets a helper of its own, not a hang
+        child = os.fork()
+        if child == 0:  # one thread, as DataLoader workers set it: PyTorch's own thread pool does not survive a fork
+            try:
+                torch.set_num_threads(1)
+                crops, _ = valid_regions(stored_last, 0, size, {"p2": 4}, torch.float16)
+                os._exit(0 if torch.equal(crops["p2"], expected[0]) else 1)
+            finally:
+                os._exit(2)  # never back into pytest
+        deadline = time.monotonic() + 30
+        while (waited := os.waitpid(child, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if waited == (0, 0):
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert waited[0] == child and os.waitstatus_to_exitcode(waited[1]) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -161,7 +161,7 @@ def _crop(output: torch.Tensor, index: int, height: int, width: int, dtype: torc
 
 TRANSPOSE_PIECE = 2048  # rows per piece: a piece and its transpose stay in the cache
 TRANSPOSE_SPLIT = 1 << 20  # values above which the other half goes to a helper thread
-_helper: list[ThreadPoolExecutor] = []
+_helpers: dict[int, ThreadPoolExecutor] = {}  # by process: a forked child inherits the executor, not its thread
 
 
 def _transposed(rows: torch.Tensor) -> torch.Tensor:
@@ -180,10 +180,11 @@ def _transposed(rows: torch.Tensor) -> torch.Tensor:
     if rows.numel() < TRANSPOSE_SPLIT or (os.cpu_count() or 1) < 2:
         pieces(0, count)
         return result
-    if not _helper:
-        _helper.append(ThreadPoolExecutor(1, thread_name_prefix="fpnx-transpose"))
+    helper = _helpers.get(os.getpid())
+    if helper is None:
+        helper = _helpers[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="fpnx-transpose")
     half = count // 2
-    second = _helper[0].submit(pieces, half, count)
+    second = helper.submit(pieces, half, count)
     pieces(0, half)
     second.result()
     return result
