@@ -26,7 +26,8 @@ QUIET_RESOURCE_TRACKER = "ignore:resource_tracker:UserWarning"
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
-    sys.warnoptions.append(QUIET_RESOURCE_TRACKER)
+    if QUIET_RESOURCE_TRACKER not in sys.warnoptions:  # once, also where main() runs again in one process
+        sys.warnoptions.append(QUIET_RESOURCE_TRACKER)
     try:
         from .cli import main as run
     except KeyboardInterrupt as interrupt:
