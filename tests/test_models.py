@@ -321,9 +321,14 @@ def test_float16_storage_clamps_what_it_cannot_hold_and_counts_it():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype):
-    """The model gives channels_last maps on the CPU, which crops and per-channel reductions read in their own order."""
-    from fpnx.models import pooled_vectors, valid_regions
+@pytest.mark.parametrize("direct_crop", ["one copy", "in passes"])
+def test_channels_last_outputs_give_the_same_crops_overflows_and_vectors(dtype, direct_crop, monkeypatch):
+    """The model gives channels_last maps on the CPU, which crops and per-channel reductions read in their own order
+    (small crops in one copy, larger ones cast in passes: both ways here)."""
+    from fpnx.models import inference, pooled_vectors, valid_regions
+
+    if direct_crop == "in passes":
+        monkeypatch.setattr(inference, "DIRECT_CROP", 0)
 
     torch.manual_seed(0)
     planar = {"p2": torch.randn(2, 8, 12, 17), "p3": torch.randn(2, 8, 6, 9), "p6": torch.randn(2, 8, 1, 2)}
