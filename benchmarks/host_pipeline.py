@@ -23,9 +23,10 @@ files and disk:
 - raw sequential write + fsync of the same bytes (``numpy.tofile``) in the output's folder, measured before and
   after each extract (page-cache state moves it a lot on a shared VM; the mean of the two is the reference);
 - the run's own loader alone (same workers, tasks and shared-memory slots, consumed by a loop that does nothing
-  else): the ceiling that the rest of the run (crops, writes, finalize) can only lower.
+  else) against decode+resize on every core at once, measured right before and right after it: the ceiling that
+  the rest of the run (crops, writes, finalize) can only lower;
 - what feeds a GPU: the loader a CUDA run builds (workers only decode; no GPU is needed to build it) against
-  decoding alone on every core at once, measured right before and right after it.
+  decoding alone on every core at once, measured the same way.
 
 The reference processes run as fpnx's workers do: one thread each, with the workers' allocator settings.
 
@@ -205,20 +206,29 @@ def loader_alone_rate(paths: list[Path], spec, args, device: str = "cpu") -> flo
         loader.close()
 
 
-def gpu_loader_figures(paths: list[Path], spec, args, cores: int) -> dict:
-    """What feeds a GPU: the loader a CUDA run builds (workers only decode; uint8 pixels through the slots),
-    against decoding alone on every core at once, measured right before and right after it."""
+LOADERS = {  # device -> what its workers do, the reference they run against, its JSON keys
+    "cpu": ("workers decode and resize", "decode+resize", "loader_alone_images_per_s",
+            "all_cores_decode_resize_around_loader_images_per_s", "loader_ratio_to_all_cores_decode_resize"),
+    "cuda": ("workers only decode", "decoding", "gpu_loader_images_per_s", "all_cores_decode_images_per_s",
+             "gpu_loader_ratio_to_all_cores_decode"),
+}
+
+
+def loader_figures(paths: list[Path], spec, args, cores: int, device: str) -> dict:
+    """The loader a run on ``device`` builds, consumed by a loop that does nothing else (for "cuda", workers only
+    decode; no GPU is needed to build it), against what its workers do run on every core at once, measured right
+    before and right after it: the most any run on that device can reach."""
+    does, reference_name, rate_key, reference_key, ratio_key = LOADERS[device]
     settle_page_cache(paths)
-    before = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=False)
-    rate = loader_alone_rate(paths, spec, args, device="cuda")
-    after = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=False)
+    before = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=device == "cpu")
+    rate = loader_alone_rate(paths, spec, args, device=device)
+    after = all_cores_rate(paths[:CPU_LIMIT_IMAGES], spec, cores, resize=device == "cpu")
     reference = statistics.mean([before, after])
     if rate is not None:
-        print(f"the loader a GPU run builds (workers only decode): {rate:.1f} images/s -> {rate / reference:.2f} of "
-              f"decoding on all {cores} cores at once, {reference:.1f} images/s ({before:.1f} / {after:.1f})",
-              flush=True)
-    return {"gpu_loader_images_per_s": rate, "all_cores_decode_images_per_s": [before, after],
-            "gpu_loader_ratio_to_all_cores_decode": None if rate is None else rate / reference}
+        print(f"the loader a {device.upper()} run builds ({does}), alone: {rate:.1f} images/s -> "
+              f"{rate / reference:.2f} of {reference_name} on all {cores} cores at once, {reference:.1f} images/s "
+              f"({before:.1f} / {after:.1f})", flush=True)
+    return {rate_key: rate, reference_key: [before, after], ratio_key: None if rate is None else rate / reference}
 
 
 def raw_write_rate(folder: Path, bytes_per_image: int, count: int, streaming: bool = False) -> float:
@@ -370,17 +380,14 @@ def main() -> None:
             return (decode, resize, torchvision_rate, cores / (1 / decode + 1 / resize),
                     cores / (1 / decode + 1 / torchvision_rate))
 
-        settle_page_cache(paths[: args.small_images])
-        loader_rate = loader_alone_rate(paths[: args.small_images], spec, args)
-        measured.append(one_core_rates(paths[:64], spec))
         decode_rate, resize_rate, torchvision_rate, cpu_limit, torchvision_limit = limits()
-        loader_text = "n/a" if loader_rate is None else f"{loader_rate:.1f} images/s ({loader_rate / cpu_limit:.2f})"
         print(f"JPEGs 640x480 -> {height}x{width} (padded {'x'.join(map(str, padded_size(height, width, 32)))}); "
               f"one core: decode {1000 / decode_rate:.1f} ms, resize {1000 / resize_rate:.1f} ms per image "
               f"(torchvision's preprocessing {1000 / torchvision_rate:.1f} ms); CPU limit on {cores} cores "
-              f"{cpu_limit:.1f} images/s ({torchvision_limit:.1f} with torchvision's); the loader alone "
-              f"{loader_text}", flush=True)
-        gpu_loader = gpu_loader_figures(paths[: args.small_images], spec, args, cores)
+              f"{cpu_limit:.1f} images/s ({torchvision_limit:.1f} with torchvision's)", flush=True)
+        loaders = {**loader_figures(paths[: args.small_images], spec, args, cores, "cpu"),
+                   **loader_figures(paths[: args.small_images], spec, args, cores, "cuda")}
+        measured.append(one_core_rates(paths[:64], spec))
         results = []
         for name in [name for name in args.configs.split(",") for _ in range(args.repeat)]:
             levels = CONFIGS[name]
@@ -422,8 +429,7 @@ def main() -> None:
     report = {"decode_images_per_s_one_core": decode_rate, "resize_images_per_s_one_core": resize_rate,
               "torchvision_preprocessing_images_per_s_one_core": torchvision_rate,
               "torchvision_cpu_limit_images_per_s": torchvision_limit,
-              "cores": cores, "cpu_limit_images_per_s": cpu_limit, "loader_alone_images_per_s": loader_rate,
-              **gpu_loader,
+              "cores": cores, "cpu_limit_images_per_s": cpu_limit, **loaders,
               "one_core_measurements": measured, "results": results,
               "torch": torch.__version__, "python": sys.version.split()[0]}
     if args.json:
