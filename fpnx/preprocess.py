@@ -2,6 +2,9 @@
 
 Every checkpoint in ``fpnx.weights`` carries a :class:`Preprocessing`, so weights and pixels can never be
 mismatched (RGB vs BGR, 0-1 vs 0-255, mean/std, resize rule).
+
+torch is imported by the functions that use it: the workers of a GPU run need only the sizes and the uint8 resize
+from here, and start without torch (measured here: ~3.5 s of CPU and ~500 MB of memory less per worker).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 PIXEL_ORDERS = ("RGB", "BGR")
 RESIZE_RULES = ("torchvision", "detectron2")
@@ -190,6 +194,8 @@ def resize_on_host(rgb: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, in
 def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
     """A uint8 array as a tensor without copying, which is only read: read-only arrays are fine (torch's warning
     about writing to them does not apply), mirrored views (negative strides) are copied."""
+    import torch
+
     if any(stride < 0 for stride in pixels.strides):
         pixels = np.ascontiguousarray(pixels)
     with warnings.catch_warnings():
@@ -204,6 +210,8 @@ def _normalise_(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
     it: the same subtraction and division of each value (so the same result, bit for bit), but vectorised, where
     a ``(C, 1, 1)`` broadcast runs ~7x slower (1.1 ms against 0.15 for a 640x480 image, measured).
     """
+    import torch
+
     _, channels, height, width = batch.shape
     if batch.device.type == "cpu" and batch.is_contiguous(memory_format=torch.channels_last):
         rows = batch.permute(0, 2, 3, 1).view(height, width * channels)
@@ -217,6 +225,8 @@ def _normalise_(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 @functools.lru_cache(maxsize=64)
 def _repeated_along_row(mean: tuple[float, ...], std: tuple[float, ...],
                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     return torch.tensor(mean, dtype=torch.float32).repeat(width), torch.tensor(std, dtype=torch.float32).repeat(width)
 
 
@@ -224,6 +234,8 @@ def _repeated_along_row(mean: tuple[float, ...], std: tuple[float, ...],
 def _mean_and_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(3, 1, 1)`` float32 tensors on ``device``, made once: a fresh small host-to-GPU copy per image would make
     the host wait for everything queued on the GPU."""
+    import torch
+
     return (torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
             torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
 
@@ -242,6 +254,9 @@ def finish_on_device(pixels: torch.Tensor, spec: Preprocessing, input_size: tupl
     the channels-last kernel gives them (measured, 640x480 to 800x1066 on one thread). Where nothing is resized
     (detectron2 weights), the work stays in the pixels' own channels-last memory order, the CPU network's.
     """
+    import torch
+    import torch.nn.functional as F
+
     on_cpu = pixels.device.type == "cpu"
     resizing = tuple(pixels.shape[:2]) != tuple(input_size)
     layout = torch.channels_last if on_cpu and not resizing else torch.contiguous_format
@@ -269,6 +284,8 @@ def pad_image(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     Zero is the normalised value the network sees as padding (both frameworks pad after normalising).
     Returns ``tensor`` itself when no padding is needed.
     """
+    import torch.nn.functional as F
+
     _, current_height, current_width = tensor.shape
     if height < current_height or width < current_width:
         raise ValueError(f"cannot pad {current_height}x{current_width} to the smaller {height}x{width}")

@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -153,6 +154,13 @@ def load_or_hang(image: ImageSource, options: LoadOptions) -> LoadedImage:
     if "hang" in os.path.basename(image.path):
         while True:
             time.sleep(1)
+    return load_image(image, options)
+
+
+def load_unless_torch_is_imported(image: ImageSource, options: LoadOptions) -> LoadedImage:
+    """load_image, except that the image fails where this process has imported torch."""
+    if "torch" in sys.modules:
+        return LoadedImage(image, error="torch is imported in this worker")
     return load_image(image, options)
 
 

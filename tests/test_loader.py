@@ -211,6 +211,16 @@ def test_workers_leave_without_the_interpreters_teardown(photos, tmp_path):
     assert not (tmp_path / "teardown-ran").exists()
 
 
+def test_workers_that_only_decode_never_import_torch(photos):
+    """A GPU run's workers (decode only) start without torch: seconds of CPU and ~500 MB of memory less each; those
+    that resize on the CPU import it once, when they start."""
+    for finish_here, expected in ((False, {None}), (True, {"torch is imported in this worker"})):
+        loader = ImageLoader(photos, LoadOptions(SPEC, finish_here=finish_here), workers=1,
+                             load=hostile.load_unless_torch_is_imported)
+        assert {item.error for item in loader} == expected, finish_here
+        loader.close()
+
+
 def test_a_consumer_that_keeps_every_image_never_blocks_the_loader(photos):
     """Slots only speed things up: with too few of them (or none released), images travel pickled."""
     loader = ImageLoader(photos * 3, LoadOptions(SPEC), workers=2, prefetch=4, slots=2)

@@ -26,8 +26,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
-import torch
-
 from ..sources import ImageSource
 from .load import LoadedImage, LoadOptions, load_image
 from .slots import SharedSlots, SlotRef, write_into_slot
@@ -38,9 +36,11 @@ def _ping(hold_s: float = 0.0) -> int:
     return os.getpid()
 
 
-def _worker_init() -> None:
-    # workers share the machine with the model: one thread each
-    torch.set_num_threads(1)
+def _worker_init(uses_torch: bool) -> None:
+    if uses_torch:  # workers that only decode (for a GPU) never import it: seconds of CPU and ~500 MB each
+        import torch
+
+        torch.set_num_threads(1)  # workers share the machine with the model: one thread each
     _keep_freed_memory()
     # A terminal's Ctrl-C reaches the whole process group: the main process stops the run and shuts the pool
     # down, so workers ignore it (no half-done task, no traceback from every worker). Until here it was blocked
@@ -260,7 +260,8 @@ class ImageLoader:
         """A pool whose workers are known to start; None (decode here) where they cannot. With ``every_worker``,
         every worker the images need has started when it returns (see :func:`_wait_for_every_worker`)."""
         # spawn, not fork: forking a process that holds torch's thread pools can deadlock
-        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(self.options.finish_here,))
         try:
             # one ping per worker wanted (no more than there are tasks), sent at once: the executor starts a process
             # for each (it starts one per task while none is idle)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
-import torch
 
 from ..preprocess import Preprocessing, padded_size
 from .load import LoadedImage, LoadOptions
@@ -104,6 +103,8 @@ def write_into_slot(item: LoadedImage, slot: SlotRef | None, divisibility: int) 
     memory = _attached(slot.name)
     target = _slot_array(memory.buf, slot.index * slot.slot_bytes, shape, pixels.dtype)
     if pixels.dtype == np.float32:
+        import torch  # only float32 images (resized here) need it, and torch made them
+
         height, width = pixels.shape[1:]
         padded = torch.from_numpy(target)
         # torch's copy: a resized image comes channels-first, and numpy's transposing copy is ~3x slower (measured)
