@@ -579,6 +579,23 @@ def test_ctrl_c_stops_within_seconds_keeps_finished_images_and_says_how_to_resum
     assert stored_in(out) == names
 
 
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A script's ``fpnx extract ... &`` (no job control) starts with SIGINT ignored, so that a Ctrl-C meant for the
+    script leaves the run going: fpnx keeps it ignored, as Python does (SIGTERM still stops it)."""
+    images = folder(tmp_path)
+    names = photos(images, 12)
+    out, parts = tmp_path / "out.h5", tmp_path / "out.h5.parts"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as from the shell
+    try:
+        process = start(command(images, out), tmp_path / "err.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    wait_for(lambda: committed(parts), process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()
+    assert stored_in(out) == names
+
+
 @pytest.mark.skipif(not CAN_LIST_CHILDREN, reason="finds the worker processes in /proc")
 def test_ctrl_c_while_the_workers_start_prints_one_line(tmp_path):
     """Workers import torch for seconds after they start; a terminal's Ctrl-C then reaches them too and must not

@@ -326,6 +326,8 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
 
     Only the first signal interrupts; later ones are ignored while the run keeps what it finished (about a
     second), so a second Ctrl-C cannot cut that short. kill -9 still can, and loses only the open segment.
+    A signal ignored when the run starts stays ignored: a script's ``fpnx extract ... &`` starts with SIGINT
+    ignored, so that a Ctrl-C meant for the script leaves the run going (Python keeps it so too).
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -337,7 +339,8 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
             received.append(signum)
             raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield received
     finally:
