@@ -585,15 +585,19 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
     images = folder(tmp_path)
     names = photos(images, 12)
     out, parts = tmp_path / "out.h5", tmp_path / "out.h5.parts"
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as from the shell
-    try:
-        process = start(command(images, out), tmp_path / "err.log")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    wait_for(lambda: committed(parts), process)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()
-    assert stored_in(out) == names
+    for signum, code in ((signal.SIGINT, 0), (signal.SIGTERM, 143)):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as from the shell
+        try:
+            process = start(command(images, out, "--overwrite"), tmp_path / "err.log")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        wait_for(lambda: committed(parts), process)
+        process.send_signal(signum)
+        assert process.wait(timeout=120) == code, (tmp_path / "err.log").read_text()
+        if signum == signal.SIGINT:
+            assert stored_in(out) == names
+        else:
+            assert not out.exists() and committed(parts)  # stopped, finished work kept
 
 
 @pytest.mark.skipif(not CAN_LIST_CHILDREN, reason="finds the worker processes in /proc")
